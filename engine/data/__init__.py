@@ -1,0 +1,1 @@
+"""Data: dataset caches, importers, the quickstart glyph set and the task sampler."""

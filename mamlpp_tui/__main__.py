@@ -1,0 +1,3 @@
+from mamlpp_tui.cli import main
+
+main()

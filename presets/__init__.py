@@ -1,0 +1,1 @@
+"""The paper presets, one TOML file each, shipped inside the installed package."""
