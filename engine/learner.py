@@ -1,0 +1,191 @@
+"""MetaLearner: the public face of the engine.
+
+    learner = MetaLearner(config)
+    metrics = learner.train_step(batch, epoch)      # one meta-update (outer_step)
+    result = learner.evaluate(batch)                # adaptation only, no meta-update
+    tensors = learner.state_tensors()               # everything a checkpoint needs
+    learner.load_state_tensors(tensors)
+
+A training step reads like the paper: the epoch fixes the MSL weights, the derivative order and
+the meta learning rate; `meta_loss` runs every task's inner loop and backpropagates the weighted
+query losses; `outer_step` clamps, checks and applies one Adam update.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+from engine.config import Config
+from engine.inner_loop import InnerPlan, stats_rows
+from engine.meta_batch import BatchResult, MetaParams, meta_batch
+from engine.model import NetSpec, init_adapted, init_bn, init_running_stats, update_running
+from engine.msl import msl_weights
+from engine.schedule import meta_lr, second_order_at
+from engine.tasks import TaskBatch
+
+
+class NonFiniteLossError(RuntimeError):
+    """The meta-loss was NaN or infinite; no update was applied."""
+
+
+@dataclass
+class StepMetrics:
+    loss: float  # weighted multi-step meta-loss, mean over tasks
+    accuracy: float  # final-step query accuracy, mean over tasks
+    step_losses: list[float | None]  # mean query loss per inner step (None: not computed)
+    msl_weights: list[float]
+    meta_lr: float
+    second_order: bool
+
+
+@dataclass
+class EvalResult:
+    logits: torch.Tensor  # [B, ways*queries, ways] final-step query logits
+    accuracy: torch.Tensor  # [B]
+    loss: torch.Tensor  # [B]
+
+
+def resolve_impl(impl: str, device: torch.device) -> str:
+    """`auto`: vmapped tasks on CUDA, the per-task loop on CPU (see benchmarks/)."""
+    if impl != "auto":
+        return impl
+    return "vmap" if device.type == "cuda" else "loop"
+
+
+class MetaLearner:
+    def __init__(self, config: Config, device: str | torch.device = "cpu",
+                 dtype: torch.dtype = torch.float32) -> None:
+        self.config = config
+        self.device = torch.device(device)
+        self.dtype = dtype
+        self.spec = NetSpec.from_config(config)
+        self.impl = resolve_impl(config.train.impl, self.device)
+        t, p = config.train, config.maml_pp
+        generator = torch.Generator().manual_seed(t.seed)
+
+        def place(params: dict[str, torch.Tensor], learn: bool) -> dict[str, torch.Tensor]:
+            return {k: v.to(self.device, dtype).requires_grad_(learn) for k, v in params.items()}
+
+        self.meta = MetaParams(
+            adapted=place(init_adapted(self.spec, generator), True),
+            bn=place(init_bn(self.spec), True),
+            lrs=place({k: torch.full((t.inner_steps,), t.inner_lr)
+                       for k in self.spec.adapted_names}, p.lslr),
+            running=place(init_running_stats(self.spec), False),
+        )
+        self.optimizer = torch.optim.Adam(self.meta_parameters(), lr=t.meta_lr)
+
+    def named_meta_parameters(self) -> list[tuple[str, torch.Tensor]]:
+        named = [(f"net.{k}", v) for k, v in self.meta.adapted.items()]
+        named += [(f"bn.{k}", v) for k, v in self.meta.bn.items()]
+        if self.config.maml_pp.lslr:
+            named += [(f"lslr.{k}", v) for k, v in self.meta.lrs.items()]
+        return named
+
+    def meta_parameters(self) -> list[torch.Tensor]:
+        return [v for _, v in self.named_meta_parameters()]
+
+    # ---- training -------------------------------------------------------------------------
+
+    def train_step(self, batch: TaskBatch, epoch: int) -> StepMetrics:
+        """One meta-update on a meta-batch of tasks."""
+        steps = self.config.train.inner_steps
+        weights = msl_weights(epoch, steps, self.config.maml_pp.msl_epochs,
+                              self.config.maml_pp.msl)
+        lr = meta_lr(epoch, self.config)
+        second = second_order_at(epoch, self.config)
+        result, loss = self.meta_loss(batch, weights, second)
+        self.outer_step(loss, lr)
+        step_losses: list[float | None] = [None] * steps
+        plan_steps = [i for i, w in enumerate(weights) if w > 0]
+        for j, i in enumerate(plan_steps):
+            step_losses[i] = result.losses[:, j].mean().item()
+        accuracy = (result.logits.argmax(-1) == batch.y_query.to(self.device)).float().mean()
+        return StepMetrics(loss, accuracy.item(), step_losses, weights, lr, second)
+
+    def meta_loss(self, batch: TaskBatch, weights: list[float],
+                  second_order: bool) -> tuple[BatchResult, float]:
+        """Weighted multi-step query loss, backpropagated into the meta-parameters' grads."""
+        loss_steps = tuple(i for i, w in enumerate(weights) if w > 0)
+        plan = InnerPlan(self.config.train.inner_steps, loss_steps, second_order, track_stats=True)
+        w = torch.tensor([weights[i] for i in loss_steps], device=self.device, dtype=self.dtype)
+        self.optimizer.zero_grad(set_to_none=True)
+        batch = batch.to(self.device, self.dtype)
+        result = meta_batch(self.meta, batch, plan, w, self.impl, self.config.train.chunk_size)
+        loss = (result.losses * w).sum(1).mean().item()
+        if math.isfinite(loss):
+            rows = stats_rows(plan)
+            for task_stats in result.stats:
+                for step, s in zip(rows, task_stats, strict=True):
+                    update_running(self.meta.running, step, s)
+        return result, loss
+
+    def outer_step(self, loss: float, lr: float) -> None:
+        """Clamp the network's meta-gradient (grad_clip), refuse non-finite losses, step Adam."""
+        if not math.isfinite(loss):
+            self.optimizer.zero_grad(set_to_none=True)
+            raise NonFiniteLossError(f"meta-loss is {loss}; no update applied")
+        clip = self.config.train.grad_clip
+        if clip > 0:
+            for v in [*self.meta.adapted.values(), *self.meta.bn.values()]:
+                if v.grad is not None:
+                    v.grad.clamp_(-clip, clip)
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        self.optimizer.step()
+
+    # ---- evaluation -----------------------------------------------------------------------
+
+    @torch.no_grad()
+    def evaluate(self, batch: TaskBatch, steps: int | None = None, chunk: int = 0) -> EvalResult:
+        """Adapt to each task (first order, no graph) and predict its queries; leaves every
+        stored tensor, the running BN sets included, unchanged."""
+        steps = steps or self.config.train.eval_inner_steps
+        plan = InnerPlan(steps, (steps - 1,), second_order=False, track_stats=False,
+                         use_running=self.config.maml_pp.bn_eval_stats == "running")
+        batch = batch.to(self.device, self.dtype)
+        result = meta_batch(self.meta, batch, plan, None, self.impl, chunk)
+        logits = result.logits
+        accuracy = (logits.argmax(-1) == batch.y_query).to(self.dtype).mean(-1)
+        return EvalResult(logits, accuracy, result.losses[:, -1])
+
+    # ---- checkpoints ----------------------------------------------------------------------
+
+    def state_tensors(self) -> dict[str, torch.Tensor]:
+        """Every tensor needed to continue training: network, BN, LSLR, running sets and Adam
+        moments/step counts, under flat names (safetensors-ready, detached CPU copies)."""
+        out = {f"net.{k}": v for k, v in self.meta.adapted.items()}
+        out.update({f"bn.{k}": v for k, v in self.meta.bn.items()})
+        out.update({f"lslr.{k}": v for k, v in self.meta.lrs.items()})
+        out.update({f"stats.{k}": v for k, v in self.meta.running.items()})
+        for name, param in self.named_meta_parameters():
+            for key, value in self.optimizer.state.get(param, {}).items():
+                out[f"adam.{name}.{key}"] = value
+        return {k: v.detach().to("cpu").clone().contiguous() for k, v in out.items()}
+
+    @torch.no_grad()
+    def load_state_tensors(self, tensors: dict[str, torch.Tensor]) -> None:
+        groups = {"net": self.meta.adapted, "bn": self.meta.bn, "lslr": self.meta.lrs,
+                  "stats": self.meta.running}
+        expected = {f"{g}.{k}" for g, d in groups.items() for k in d}
+        missing = expected - tensors.keys()
+        if missing:
+            raise ValueError(f"checkpoint lacks {sorted(missing)[:3]}")
+        for g, d in groups.items():
+            for k, v in d.items():
+                src = tensors[f"{g}.{k}"]
+                if src.shape != v.shape:
+                    raise ValueError(f"checkpoint tensor {g}.{k} has shape {tuple(src.shape)}, "
+                                     f"expected {tuple(v.shape)}")
+                v.copy_(src)
+        self.optimizer.state.clear()
+        for name, param in self.named_meta_parameters():
+            state = {key.rsplit(".", 1)[1]: value for key, value in tensors.items()
+                     if key.startswith(f"adam.{name}.") and key.count(".") == name.count(".") + 2}
+            if state:
+                self.optimizer.state[param] = {
+                    k: (v.to(self.device) if k != "step" else v.clone()) for k, v in state.items()
+                }

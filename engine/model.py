@@ -1,0 +1,147 @@
+"""The MAML++ base network, written functionally so fast weights can be passed in.
+
+Four (or `stages`) blocks of conv3x3 -> batch norm -> LeakyReLU(0.01) -> max-pool 2x2, then a
+linear classifier. Parameters live in plain dicts rather than an nn.Module because the inner loop
+replaces the adapted tensors at every step and `torch.func.vmap` batches them over tasks.
+
+Batch norm is per step (SPEC 2.3/2.4): scale/shift and running statistics have one row per inner
+step; step i uses row min(i, rows - 1), so a single shared row (technique switched off) and
+evaluation with more steps than training both fall out of the same indexing.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from engine.config import Config
+
+BN_EPS = 1e-5
+BN_MOMENTUM = 0.1
+LEAK = 0.01
+
+Params = dict[str, torch.Tensor]
+# Per forward pass: one (mean, unbiased var) pair per stage, detached.
+BatchStats = list[tuple[torch.Tensor, torch.Tensor]]
+
+
+@dataclass(frozen=True)
+class NetSpec:
+    in_channels: int
+    image_size: int
+    filters: int
+    stages: int
+    ways: int
+    affine_rows: int  # inner steps if BNWB else 1
+    stat_rows: int  # inner steps if BNRS else 1
+
+    @classmethod
+    def from_config(cls, cfg: Config) -> NetSpec:
+        c, size, _ = cfg.image_shape
+        steps = cfg.train.inner_steps
+        return cls(
+            in_channels=c,
+            image_size=size,
+            filters=cfg.model.filters,
+            stages=cfg.model.stages,
+            ways=cfg.data.ways,
+            affine_rows=steps if cfg.maml_pp.bn_per_step_affine else 1,
+            stat_rows=steps if cfg.maml_pp.bn_per_step_stats else 1,
+        )
+
+    @property
+    def features(self) -> int:
+        return self.filters * (self.image_size >> self.stages) ** 2
+
+    @property
+    def adapted_names(self) -> list[str]:
+        """The tensors the inner loop adapts (and LSLR gives rates to), in network order."""
+        names = []
+        for i in range(self.stages):
+            names += [f"conv{i}.weight", f"conv{i}.bias"]
+        return names + ["linear.weight", "linear.bias"]
+
+
+def init_adapted(spec: NetSpec, generator: torch.Generator) -> Params:
+    """Xavier-uniform weights, zero biases (SPEC 1)."""
+    params: Params = {}
+    channels = spec.in_channels
+    for i in range(spec.stages):
+        w = torch.empty(spec.filters, channels, 3, 3)
+        torch.nn.init.xavier_uniform_(w, generator=generator)
+        params[f"conv{i}.weight"] = w
+        params[f"conv{i}.bias"] = torch.zeros(spec.filters)
+        channels = spec.filters
+    w = torch.empty(spec.ways, spec.features)
+    torch.nn.init.xavier_uniform_(w, generator=generator)
+    params["linear.weight"] = w
+    params["linear.bias"] = torch.zeros(spec.ways)
+    return params
+
+
+def init_bn(spec: NetSpec) -> Params:
+    """Per-step BN scale and shift, meta-learned in the outer loop only."""
+    bn: Params = {}
+    for i in range(spec.stages):
+        bn[f"bn{i}.weight"] = torch.ones(spec.affine_rows, spec.filters)
+        bn[f"bn{i}.bias"] = torch.zeros(spec.affine_rows, spec.filters)
+    return bn
+
+
+def init_running_stats(spec: NetSpec) -> Params:
+    stats: Params = {}
+    for i in range(spec.stages):
+        stats[f"bn{i}.running_mean"] = torch.zeros(spec.stat_rows, spec.filters)
+        stats[f"bn{i}.running_var"] = torch.ones(spec.stat_rows, spec.filters)
+    return stats
+
+
+def row(step: int, rows: int) -> int:
+    return min(step, rows - 1)
+
+
+def forward(
+    adapted: Params,
+    bn: Params,
+    x: torch.Tensor,
+    step: int,
+    running: Params | None = None,
+    track: bool = False,
+) -> tuple[torch.Tensor, BatchStats]:
+    """Logits for images x [n, C, H, W] at inner step `step`.
+
+    With `running` given, normalise with that step's running set (evaluation with
+    bn_eval_stats = "running"); otherwise with the batch's own statistics. With `track`, also
+    return each stage's detached batch mean and unbiased variance for the running-set update.
+    """
+    stats: BatchStats = []
+    stages = len(bn) // 2
+    for i in range(stages):
+        x = F.conv2d(x, adapted[f"conv{i}.weight"], adapted[f"conv{i}.bias"], padding=1)
+        w_bn, b_bn = bn[f"bn{i}.weight"], bn[f"bn{i}.bias"]
+        w, b = w_bn[row(step, w_bn.shape[0])], b_bn[row(step, b_bn.shape[0])]
+        if running is not None:
+            mean, var = running[f"bn{i}.running_mean"], running[f"bn{i}.running_var"]
+            r = row(step, mean.shape[0])
+            x = F.batch_norm(x, mean[r], var[r], w, b, training=False, eps=BN_EPS)
+        else:
+            if track:
+                with torch.no_grad():
+                    d = x.detach()
+                    stats.append((d.mean(dim=(0, 2, 3)), d.var(dim=(0, 2, 3), unbiased=True)))
+            x = F.batch_norm(x, None, None, w, b, training=True, eps=BN_EPS)
+        x = F.max_pool2d(F.leaky_relu(x, LEAK), 2)
+    logits = F.linear(x.flatten(1), adapted["linear.weight"], adapted["linear.bias"])
+    return logits, stats
+
+
+@torch.no_grad()
+def update_running(running: Params, step: int, stats: BatchStats) -> None:
+    """Fold one forward pass's batch statistics into running set `step` (momentum 0.1)."""
+    for i, (mean, var) in enumerate(stats):
+        rm, rv = running[f"bn{i}.running_mean"], running[f"bn{i}.running_var"]
+        r = row(step, rm.shape[0])
+        rm[r].mul_(1 - BN_MOMENTUM).add_(mean, alpha=BN_MOMENTUM)
+        rv[r].mul_(1 - BN_MOMENTUM).add_(var, alpha=BN_MOMENTUM)

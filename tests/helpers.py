@@ -1,0 +1,39 @@
+"""Small builders shared by the engine tests: configs and random task batches."""
+
+from __future__ import annotations
+
+import torch
+
+from engine.config import resolve
+from engine.learner import MetaLearner
+from engine.tasks import TaskBatch
+
+
+def small_config(*overrides: str):
+    base = ["model.filters=4", "model.stages=2", "train.meta_batch=3", "train.inner_steps=3",
+            "train.eval_inner_steps=3", "data.ways=3", "data.shots=2", "data.queries=2"]
+    return resolve("quickstart", overrides=base + list(overrides))
+
+
+def random_batch(cfg, seed: int = 0, tasks: int | None = None) -> TaskBatch:
+    g = torch.Generator().manual_seed(seed)
+    c, h, w = cfg.image_shape
+    b = tasks or cfg.train.meta_batch
+    ways, shots, q = cfg.data.ways, cfg.data.shots, cfg.data.queries
+    xs = torch.randn(b, ways * shots, c, h, w, generator=g)
+    xq = torch.randn(b, ways * q, c, h, w, generator=g)
+    ys = torch.stack([torch.randperm(ways, generator=g).repeat_interleave(shots) for _ in range(b)])
+    yq = torch.stack([torch.randperm(ways, generator=g).repeat_interleave(q) for _ in range(b)])
+    return TaskBatch(xs, ys, xq, yq)
+
+
+def learned(learner: MetaLearner) -> dict[str, torch.Tensor]:
+    return dict(learner.named_meta_parameters())
+
+
+def grads(learner: MetaLearner) -> dict[str, torch.Tensor]:
+    return {k: v.grad.clone() for k, v in learner.named_meta_parameters()}
+
+
+def flat(d: dict[str, torch.Tensor]) -> torch.Tensor:
+    return torch.cat([v.reshape(-1) for v in d.values()])
