@@ -140,14 +140,17 @@ class MetaLearner:
     # ---- evaluation -----------------------------------------------------------------------
 
     @torch.no_grad()
-    def evaluate(self, batch: TaskBatch, steps: int | None = None, chunk: int = 0) -> EvalResult:
+    def evaluate(self, batch: TaskBatch, steps: int | None = None, chunk: int = 0,
+                 impl: str = "vmap") -> EvalResult:
         """Adapt to each task (first order, no graph) and predict its queries; leaves every
-        stored tensor, the running BN sets included, unchanged."""
+        stored tensor, the running BN sets included, unchanged. Tasks are adapted `chunk` at a
+        time (0: all) with vmap by default: without a graph to keep, bulk wins on every device
+        we measured (benchmarks/)."""
         steps = steps or self.config.train.eval_inner_steps
         plan = InnerPlan(steps, (steps - 1,), second_order=False, track_stats=False,
                          use_running=self.config.maml_pp.bn_eval_stats == "running")
         batch = batch.to(self.device, self.dtype)
-        result = meta_batch(self.meta, batch, plan, None, self.impl, chunk)
+        result = meta_batch(self.meta, batch, plan, None, impl, chunk)
         logits = result.logits
         accuracy = (logits.argmax(-1) == batch.y_query).to(self.dtype).mean(-1)
         return EvalResult(logits, accuracy, result.losses[:, -1])

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import sys
+import time
+from pathlib import Path
 
 import typer
 from rich.console import Console
@@ -50,6 +52,202 @@ def presets(
                       str(c.data.queries), str(c.train.meta_batch), str(c.train.epochs),
                       c.description)
     console.print(table)
+
+
+# ---- runs ----------------------------------------------------------------------------------
+
+
+def _open_run(ref: str):
+    from engine.run_store import find_run
+
+    return find_run(ref)
+
+
+def _start(run, device: str, detach: bool, no_tui: bool) -> None:
+    """Foreground with progress (--no-tui or no terminal), detached, or background + dashboard."""
+    interactive = sys.stdin.isatty() and sys.stdout.isatty()
+    if no_tui or (not interactive and not detach):
+        _foreground(run, device)
+        return
+    from mamlpp_tui.launch import start_engine
+
+    pid = start_engine(run, device)
+    if detach:
+        print(run.run_id)
+        return
+    from mamlpp_tui.dashboard import run_dashboard
+
+    run_dashboard(run.path)
+    console.print(f"dashboard closed; run {run.run_id} goes on (engine pid {pid}). "
+                  f"Reopen with `mamlpp watch {run.run_id}`.")
+
+
+def _foreground(run, device: str) -> None:
+    from engine.trainer import Trainer, run_config
+    from mamlpp_tui.progress import ProgressDisplay
+
+    config = run_config(run)
+    console.print(f"run [bold]{run.run_id}[/] ({config.name}) in {run.path}")
+    display = ProgressDisplay(config.train.epochs * config.train.iters_per_epoch, console)
+    try:
+        state = Trainer(run, device, on_progress=display).train()
+    finally:
+        display.close()
+    status = run.read_status()
+    if state == "finished":
+        from mamlpp_tui.tables import ensemble_table
+
+        ensemble = run.read_ensemble()
+        if ensemble:
+            console.print(ensemble_table(ensemble))
+        console.print(f"run {run.run_id} finished")
+    elif state == "stopped":
+        console.print(f"run {run.run_id} stopped; continue it with `mamlpp resume {run.run_id}`")
+        sys.exit(130 if status.get("error") is None else 1)
+    else:
+        print(f"error: run {run.run_id} failed: {status.get('error')} "
+              f"(see {run.log_path})", file=sys.stderr)
+        sys.exit(1)
+
+
+@app.command()
+def run(
+    preset: str = typer.Option(None, "--preset", "-p", help="Preset name (default quickstart)."),
+    config: Path = typer.Option(None, "--config", "-c", help="A config TOML file."),
+    set_: list[str] = typer.Option([], "--set", "-s", help="Override: section.key=value."),
+    name: str = typer.Option(None, "--name", help="Run name (the run id starts with it)."),
+    device: str = typer.Option("auto", "--device", help="auto, cpu or cuda."),
+    detach: bool = typer.Option(False, "--detach", help="Print the run id and return."),
+    no_tui: bool = typer.Option(False, "--no-tui", help="Train in the foreground."),
+) -> None:
+    """Start a new training run."""
+    from engine.config import resolve
+    from engine.data import require_dataset
+    from engine.run_store import create_run
+    from engine.trainer import pick_device
+
+    cfg = resolve(preset, config, set_)
+    pick_device(device)
+    require_dataset(cfg.data.dataset)
+    _start(create_run(cfg.to_dict(), name), device, detach, no_tui)
+
+
+@app.command()
+def resume(
+    run_ref: str = typer.Argument(..., metavar="RUN", help="Run id or unique prefix."),
+    device: str = typer.Option("auto", "--device", help="auto, cpu or cuda."),
+    detach: bool = typer.Option(False, "--detach", help="Print the run id and return."),
+    no_tui: bool = typer.Option(False, "--no-tui", help="Train in the foreground."),
+) -> None:
+    """Continue a stopped, killed or crashed run from its newest valid checkpoint."""
+    from engine.trainer import pick_device
+
+    run_dir = _open_run(run_ref)
+    status = run_dir.reconcile_status()
+    if run_dir.is_locked():
+        raise UserError(f"Run {run_dir.run_id} is already running (pid "
+                        f"{run_dir.lock_holder_pid()}); watch it with `mamlpp watch "
+                        f"{run_dir.run_id}`.")
+    if status.get("state") == "finished":
+        raise UserError(f"Run {run_dir.run_id} already finished; evaluate it with "
+                        f"`mamlpp ensemble {run_dir.run_id}`.")
+    pick_device(device)
+    _start(run_dir, device, detach, no_tui)
+
+
+@app.command("ensemble")
+def ensemble_cmd(
+    run_ref: str = typer.Argument(..., metavar="RUN", help="Run id or unique prefix."),
+    top_k: int = typer.Option(None, "--top-k", min=1, help="Members (default: the config's)."),
+    tasks: int = typer.Option(None, "--tasks", min=1, help="Test tasks (default eval.test_tasks)."),
+    device: str = typer.Option("auto", "--device", help="auto, cpu or cuda."),
+    as_json: bool = typer.Option(False, "--json", help="Machine-readable output."),
+) -> None:
+    """Evaluate the top-k validation epochs on fixed test tasks and average their logits."""
+    from engine.trainer import pick_device, run_config, run_ensemble
+    from mamlpp_tui.tables import ensemble_table
+
+    run_dir = _open_run(run_ref)
+    result = run_ensemble(run_dir, run_config(run_dir), pick_device(device), top_k, tasks)
+    if as_json:
+        print(json.dumps(result, indent=2))
+    else:
+        console.print(ensemble_table(result))
+
+
+def _control(run_ref: str, command: str, wait_for: str | None, timeout: float) -> None:
+    from engine.control import send
+
+    run_dir = _open_run(run_ref)
+    status = run_dir.read_status()
+    if not run_dir.is_locked():
+        raise UserError(f"Run {run_dir.run_id} is not running (state {status.get('state')}); "
+                        f"continue it with `mamlpp resume {run_dir.run_id}`.")
+    send(run_dir, command)
+    deadline = time.monotonic() + timeout
+    while wait_for and time.monotonic() < deadline:
+        if run_dir.read_raw_status().get("state") == wait_for:
+            console.print(f"run {run_dir.run_id} is {wait_for}")
+            return
+        time.sleep(0.1)
+    console.print(f"{command} sent to run {run_dir.run_id}; it acts between iterations")
+
+
+@app.command()
+def pause(run_ref: str = typer.Argument(..., metavar="RUN")) -> None:
+    """Pause a running run after its current iteration."""
+    _control(run_ref, "pause", "paused", 30)
+
+
+@app.command()
+def unpause(run_ref: str = typer.Argument(..., metavar="RUN")) -> None:
+    """Let a paused run go on."""
+    _control(run_ref, "unpause", "running", 10)
+
+
+@app.command()
+def stop(run_ref: str = typer.Argument(..., metavar="RUN")) -> None:
+    """Checkpoint and stop a run (continue it later with `mamlpp resume`)."""
+    _control(run_ref, "stop", "stopped", 120)
+
+
+@app.command()
+def runs(as_json: bool = typer.Option(False, "--json", help="Machine-readable output.")) -> None:
+    """List runs and their state."""
+    from engine.run_store import list_runs
+    from mamlpp_tui.tables import run_summary, runs_table
+
+    summaries = [run_summary(r) for r in list_runs()]
+    if as_json:
+        print(json.dumps(summaries, indent=2))
+    elif not summaries:
+        console.print("no runs yet; start one with `mamlpp run`")
+    else:
+        console.print(runs_table(summaries))
+
+
+@app.command()
+def show(
+    run_ref: str = typer.Argument(..., metavar="RUN"),
+    as_json: bool = typer.Option(False, "--json", help="Machine-readable output."),
+) -> None:
+    """One run in detail: status, validation history, ensemble."""
+    from mamlpp_tui.tables import run_summary, show_tables
+
+    summary = run_summary(_open_run(run_ref))
+    if as_json:
+        print(json.dumps(summary, indent=2))
+        return
+    for table in show_tables(summary):
+        console.print(table)
+
+
+@app.command()
+def watch(run_ref: str = typer.Argument(..., metavar="RUN")) -> None:
+    """Open the live dashboard on a run (running, paused, finished or crashed)."""
+    from mamlpp_tui.dashboard import run_dashboard
+
+    run_dashboard(_open_run(run_ref).path)
 
 
 def main() -> None:

@@ -2,6 +2,181 @@
 
 from __future__ import annotations
 
+import json
+import sys
+import time
+from pathlib import Path
+
 import typer
+from rich.console import Console
+from rich.progress import (
+    BarColumn,
+    DownloadColumn,
+    MofNCompleteColumn,
+    Progress,
+    TaskID,
+    TextColumn,
+    TimeElapsedColumn,
+    TimeRemainingColumn,
+    TransferSpeedColumn,
+)
+from rich.table import Table
+
+from engine.data.progress import LineReporter, Reporter
+from engine.errors import UserError
 
 data_app = typer.Typer(help="Fetch, import and inspect datasets.", no_args_is_help=True)
+
+
+class RichReporter(Reporter):
+    """A rich progress bar per job (bytes for downloads, counts otherwise)."""
+
+    def __init__(self, console: Console) -> None:
+        self.console = console
+        self.progress: Progress | None = None
+        self.task: TaskID | None = None
+
+    def start(self, description: str, total: int | None = None, unit: str = "items") -> None:
+        self.done()
+        if unit == "bytes":
+            columns = [TextColumn("{task.description}"), BarColumn(), DownloadColumn(),
+                       TransferSpeedColumn(), TimeRemainingColumn()]
+        else:
+            columns = [TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+                       TextColumn(unit), TimeElapsedColumn(), TimeRemainingColumn()]
+        self.progress = Progress(*columns, console=self.console)
+        self.progress.start()
+        self.task = self.progress.add_task(description, total=total)
+
+    def advance(self, n: int = 1) -> None:
+        if self.progress is not None and self.task is not None:
+            self.progress.advance(self.task, n)
+
+    def done(self) -> None:
+        if self.progress is not None:
+            self.progress.stop()
+            self.progress = None
+            self.task = None
+
+    def note(self, message: str) -> None:
+        self.console.print(message, markup=False, highlight=False)
+
+
+def _reporter() -> Reporter:
+    console = Console()
+    if console.is_terminal:
+        return RichReporter(console)
+    return LineReporter(sys.stdout)
+
+
+def _summary(dataset, seconds: float) -> str:  # noqa: ANN001 - FewShotDataset
+    counts = dataset.counts()
+    parts = ", ".join(f"{s} {c['classes']} classes x {c['per_class']}" for s, c in counts.items())
+    total = sum(c["images"] for c in counts.values())
+    c, h, w = dataset.image_shape
+    return (f"{dataset.name} cached in {dataset.path}: {parts} ({total:,} images, {c}x{h}x{w}) "
+            f"in {seconds:.1f} s")
+
+
+def _done(dataset, t0: float) -> None:  # noqa: ANN001
+    print(_summary(dataset, time.monotonic() - t0))
+
+
+@data_app.command("fetch")
+def fetch(
+    name: str = typer.Argument(..., help="omniglot (or quickstart, to generate it now)."),
+    from_: list[Path] = typer.Option(  # noqa: B008
+        None, "--from", help="Local images_background/images_evaluation zips or folders, "
+        "or a folder holding them (repeatable); verified by content instead of downloaded."),
+    force: bool = typer.Option(False, "--force", help="Fetch and convert again if cached."),
+) -> None:
+    """Download (or take local files), verify and cache a dataset."""
+    from engine.data.cache import read_manifest
+    from engine.data.omniglot import fetch_omniglot
+    from engine.data.quickstart import build_quickstart, quickstart_is_current
+
+    t0 = time.monotonic()
+    if name == "omniglot":
+        if not from_ and not force and read_manifest("omniglot") is not None:
+            from engine.data.cache import load_cached
+
+            dataset = load_cached("omniglot")
+            print(f"omniglot is already cached in {dataset.path}; use --force to fetch again.")
+            return
+        _done(fetch_omniglot(from_paths=from_ or None, reporter=_reporter()), t0)
+    elif name == "quickstart":
+        if from_:
+            raise UserError("quickstart is generated, it takes no --from.")
+        if force or not quickstart_is_current():
+            _done(build_quickstart(reporter=_reporter()), t0)
+        else:
+            from engine.data.cache import load_cached
+
+            print(f"quickstart is already cached in {load_cached('quickstart').path}.")
+    elif name == "miniimagenet":
+        raise UserError("mini-ImageNet cannot be downloaded (ImageNet's terms); import your copy "
+                        "with `mamlpp data import miniimagenet PATH`.")
+    else:
+        raise UserError(f"Unknown dataset {name!r}; `mamlpp data fetch` takes omniglot or "
+                        "quickstart.")
+
+
+@data_app.command("import")
+def import_(
+    name: str = typer.Argument(..., help="miniimagenet (or omniglot)."),
+    path: Path = typer.Argument(..., help="Folder, archive or pickle folder to import."),  # noqa: B008
+    any_split: bool = typer.Option(
+        False, "--any-split",
+        help="Accept a class split other than mini-ImageNet's 64/16/20."),
+) -> None:
+    """Import a dataset from local files (never modified) into the cache."""
+    from engine.data.miniimagenet import import_miniimagenet
+    from engine.data.omniglot import fetch_omniglot
+
+    t0 = time.monotonic()
+    if name == "miniimagenet":
+        _done(import_miniimagenet(path, reporter=_reporter(), any_split=any_split), t0)
+    elif name == "omniglot":
+        _done(fetch_omniglot(from_paths=[path], reporter=_reporter()), t0)
+    elif name == "quickstart":
+        raise UserError("quickstart is built in and needs no import; it is generated on first "
+                        "use.")
+    else:
+        raise UserError(f"Unknown dataset {name!r}; `mamlpp data import` takes miniimagenet or "
+                        "omniglot.")
+
+
+@data_app.command("info")
+def info(
+    as_json: bool = typer.Option(False, "--json", help="Machine-readable output."),
+) -> None:
+    """List the cached datasets with their counts per split."""
+    from engine.data.datasets import dataset_info
+
+    report = dataset_info()
+    if as_json:
+        print(json.dumps(report, indent=2))
+        return
+    console = Console()
+    table = Table(title=f"datasets in {report['root']}")
+    for col in ("dataset", "split", "classes", "per class", "images"):
+        table.add_column(col, no_wrap=True)
+    for d in report["datasets"]:
+        if "error" in d:
+            table.add_row(d["name"], "damaged", "", "", "")
+            continue
+        source = d.get("source") or {}
+        about = [d["name"], "x".join(map(str, d["image_shape"])),
+                 f"{d['bytes'] / 1e6:.1f} MB, {source.get('layout') or source.get('kind', '')}"]
+        for i, (split, c) in enumerate(d["splits"].items()):
+            table.add_row(about[i] if i < len(about) else "", split, str(c["classes"]),
+                          str(c["per_class"]), f"{c['images']:,}",
+                          end_section=i == len(d["splits"]) - 1)
+    console.print(table)
+    for d in report["datasets"]:
+        if "error" in d:
+            console.print(d["error"], markup=False, highlight=False)
+    for m in report["missing"]:
+        how = ("generated on first use" if m["name"] == "quickstart"
+               else f"get it with `{m['command']}`")
+        console.print(f"{m['name']}: not cached; {how}.", markup=False, highlight=False)
