@@ -186,8 +186,9 @@ def _control(run_ref: str, command: str, wait_for: str | None, timeout: float) -
     send(run_dir, command)
     deadline = time.monotonic() + timeout
     while wait_for and time.monotonic() < deadline:
-        if run_dir.read_raw_status().get("state") == wait_for:
-            console.print(f"run {run_dir.run_id} is {wait_for}")
+        state = run_dir.read_status().get("state")
+        if state == wait_for or not run_dir.is_locked():
+            console.print(f"run {run_dir.run_id} is {state}")
             return
         time.sleep(0.1)
     console.print(f"{command} sent to run {run_dir.run_id}; it acts between iterations")

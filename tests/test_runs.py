@@ -12,8 +12,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from tests.run_fixtures import (events, final_tensors, mamlpp, run_dir, sets, status,
-                                wait_for)
+from tests.run_fixtures import events, final_tensors, mamlpp, run_dir, sets, status, wait_for
 
 
 @pytest.fixture(scope="module")
@@ -129,8 +128,7 @@ def test_kill9_at_random_moments_then_resume_is_bit_identical(home, finished):
 def test_truncated_newest_checkpoint_falls_back_and_finishes(home, finished):
     run_id = start(home, "train.checkpoint_every=1", "train.iters_per_epoch=6", name="trunc")
     assert wait_for(lambda: status(home, run_id)["iteration"] >= 8, timeout=60)
-    r = mamlpp(home, "stop", run_id)
-    assert r.returncode == 0 and status(home, run_id)["state"] == "stopped", r.stdout
+    _kill(home, run_id)
     ckpts = run_dir(home, run_id) / "checkpoints"
     newest = json.loads((ckpts / "latest.json").read_text())["name"]
     path = ckpts / f"{newest}.safetensors"
