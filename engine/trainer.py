@@ -134,6 +134,7 @@ class Trainer:
         while True:
             if self._epoch_needs_validation():
                 self._end_epoch()
+                tick, tick_iter = time.perf_counter(), self.state.iteration  # it/s: training only
             if self.state.iteration >= self.total:
                 break
             outcome = self._handle_control()
@@ -313,6 +314,17 @@ def run_ensemble(run: RunDir, config: Config, device: torch.device, top_k: int |
                  n_tasks: int | None = None, sampler=None) -> dict:
     """Adapt the top-k validation epochs on the same fixed test tasks and average their logits;
     writes ensemble.json and returns it."""
+    for attempt in range(3):
+        try:
+            return _run_ensemble(run, config, device, top_k, n_tasks, sampler)
+        except ckpt.CheckpointError:
+            if attempt == 2:  # a training engine prunes checkpoints; choose again
+                raise
+    raise AssertionError("unreachable")
+
+
+def _run_ensemble(run: RunDir, config: Config, device: torch.device, top_k: int | None,
+                  n_tasks: int | None, sampler) -> dict:
     directory = run.checkpoints_dir
     top_k = top_k or config.eval.ensemble_top_k
     n_tasks = n_tasks or config.eval.test_tasks
