@@ -14,6 +14,7 @@ import json
 import math
 import os
 import re
+import shutil
 import subprocess
 import sys
 import time
@@ -185,9 +186,41 @@ def home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     return tmp_path / "home"
 
 
+@pytest.fixture(scope="module")
+def real_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A real finished quickstart run (tiny budget) made by the engine itself."""
+    from engine.config import resolve
+    from engine.run_store import create_run
+    from engine.trainer import Trainer
+    from tests.run_fixtures import TINY
+
+    home = tmp_path_factory.mktemp("real-home")
+    old = os.environ.get("MAMLPP_HOME")
+    os.environ["MAMLPP_HOME"] = str(home)
+    try:
+        config = resolve("quickstart", overrides=[*TINY, "train.epochs=4"])
+        run = create_run(config.to_dict())
+        assert Trainer(run, "cpu").train() == "finished"
+    finally:
+        if old is None:
+            del os.environ["MAMLPP_HOME"]
+        else:
+            os.environ["MAMLPP_HOME"] = old
+    return run.path
+
+
 @pytest.fixture
-def run_dir(home: Path, tmp_path: Path) -> Path:
+def run_dir(request: pytest.FixtureRequest, home: Path, tmp_path: Path) -> Path:
+    """The synthetic run of `make_run_dir`, or (parametrized "real") a copy of a real run."""
+    if getattr(request, "param", "synthetic") == "real":
+        real = request.getfixturevalue("real_run")
+        target = home / "runs" / real.name
+        shutil.copytree(real, target)
+        return target
     return make_run_dir(tmp_path)
+
+
+both_runs = pytest.mark.parametrize("run_dir", ["synthetic", "real"], indirect=True)
 
 
 # ---------------------------------------------------------------- helpers
@@ -256,6 +289,7 @@ def pct(x: float) -> str:
 # ---------------------------------------------------------------- every panel, finished run
 
 
+@both_runs
 def test_every_panel_shows_the_runs_numbers(run_dir: Path) -> None:
     exp = expected(run_dir)
 
@@ -327,6 +361,7 @@ def test_every_panel_shows_the_runs_numbers(run_dir: Path) -> None:
     run_app(DashboardApp(run_dir, local_sampling=False), body)
 
 
+@both_runs
 def test_snapshot_finished_run_is_deterministic(run_dir: Path, tmp_path: Path) -> None:
     exp = expected(run_dir)
 
@@ -348,6 +383,7 @@ def test_snapshot_finished_run_is_deterministic(run_dir: Path, tmp_path: Path) -
     run_app(DashboardApp(run_dir, local_sampling=False), body, size=(120, 40))
 
 
+@both_runs
 def test_snapshot_crashed_run(run_dir: Path, tmp_path: Path) -> None:
     error = crash(run_dir)
 
@@ -417,6 +453,7 @@ def test_live_run_updates_incrementally(run_dir: Path) -> None:
     run_app(DashboardApp(run_dir, poll_s=0.2, local_sampling=False), body)
 
 
+@both_runs
 def test_narrow_terminal_stacks_panels_without_overlap(run_dir: Path) -> None:
     async def body(app: DashboardApp, pilot: Any) -> None:
         await loaded(app, pilot)
@@ -523,6 +560,7 @@ def engine(run_dir: Path, tmp_path: Path) -> Any:
     proc.wait()
 
 
+@both_runs
 def test_p_pauses_and_unpauses_and_q_leaves_the_engine_running(run_dir: Path, engine: Any
                                                                ) -> None:
     run = RunDir(run_dir)
