@@ -19,6 +19,7 @@ from dataclasses import dataclass
 import torch
 
 from engine.config import Config
+from engine.distributed import SINGLE, World, all_gather_rows, all_reduce_sum
 from engine.inner_loop import InnerPlan, stats_rows
 from engine.meta_batch import BatchResult, MetaParams, meta_batch
 from engine.model import NetSpec, init_adapted, init_bn, init_running_stats, update_running
@@ -55,10 +56,25 @@ def resolve_impl(impl: str, device: torch.device) -> str:
     return "vmap" if device.type == "cuda" else "loop"
 
 
+def _unflatten(row: torch.Tensor, shapes) -> list:
+    out, offset = [], 0
+    for fwd in shapes:
+        stages = []
+        for m_shape, v_shape in fwd:
+            m = row[offset:offset + m_shape.numel()].view(m_shape)
+            offset += m_shape.numel()
+            v = row[offset:offset + v_shape.numel()].view(v_shape)
+            offset += v_shape.numel()
+            stages.append((m, v))
+        out.append(stages)
+    return out
+
+
 class MetaLearner:
     def __init__(self, config: Config, device: str | torch.device = "cpu",
-                 dtype: torch.dtype = torch.float32) -> None:
+                 dtype: torch.dtype = torch.float32, world: World = SINGLE) -> None:
         self.config = config
+        self.world = world
         self.device = torch.device(device)
         self.dtype = dtype
         self.spec = NetSpec.from_config(config)
@@ -103,18 +119,26 @@ class MetaLearner:
         plan_steps = [i for i, w in enumerate(weights) if w > 0]
         for j, i in enumerate(plan_steps):
             step_losses[i] = result.losses[:, j].mean().item()
-        accuracy = (result.logits.argmax(-1) == batch.y_query.to(self.device)).float().mean()
-        return StepMetrics(loss, accuracy.item(), step_losses, weights, lr, second)
+        return StepMetrics(loss, result.accuracy.mean().item(), step_losses, weights, lr, second)
 
     def meta_loss(self, batch: TaskBatch, weights: list[float],
                   second_order: bool) -> tuple[BatchResult, float]:
-        """Weighted multi-step query loss, backpropagated into the meta-parameters' grads."""
+        """Weighted multi-step query loss, backpropagated into the meta-parameters' grads.
+
+        Under torch.distributed `batch` is this rank's share of the meta-batch; gradients,
+        per-task losses, accuracies and BN statistics come back summed/gathered over ranks, so
+        every rank holds the whole meta-batch's results."""
         loss_steps = tuple(i for i, w in enumerate(weights) if w > 0)
         plan = InnerPlan(self.config.train.inner_steps, loss_steps, second_order, track_stats=True)
         w = torch.tensor([weights[i] for i in loss_steps], device=self.device, dtype=self.dtype)
         self.optimizer.zero_grad(set_to_none=True)
         batch = batch.to(self.device, self.dtype)
-        result = meta_batch(self.meta, batch, plan, w, self.impl, self.config.train.chunk_size)
+        total = batch.size * self.world.size
+        result = meta_batch(self.meta, batch, plan, w, self.impl, self.config.train.chunk_size,
+                            denominator=total)
+        result.accuracy = (result.logits.argmax(-1) == batch.y_query).to(self.dtype).mean(-1)
+        if self.world.active:
+            self._gather(result)
         loss = (result.losses * w).sum(1).mean().item()
         if math.isfinite(loss):
             rows = stats_rows(plan)
@@ -122,6 +146,19 @@ class MetaLearner:
                 for step, s in zip(rows, task_stats, strict=True):
                     update_running(self.meta.running, step, s)
         return result, loss
+
+    def _gather(self, result: BatchResult) -> None:
+        """Sum meta-gradients over ranks; gather per-task results in global task order."""
+        world = self.world
+        params = [p for p in self.meta_parameters() if p.grad is not None]
+        all_reduce_sum([p.grad for p in params], world)
+        counts = [result.losses.shape[0]] * world.size
+        result.losses = all_gather_rows(result.losses, counts, world)
+        result.accuracy = all_gather_rows(result.accuracy, counts, world)
+        shapes = [[(m.shape, v.shape) for m, v in fwd] for fwd in result.stats[0]]
+        flat = torch.stack([torch.cat([torch.cat([m, v]) for fwd in task for m, v in fwd])
+                            for task in result.stats])
+        result.stats = [_unflatten(row, shapes) for row in all_gather_rows(flat, counts, world)]
 
     def outer_step(self, loss: float, lr: float) -> None:
         """Clamp the network's meta-gradient (grad_clip), refuse non-finite losses, step Adam."""

@@ -31,6 +31,7 @@ class BatchResult:
     losses: torch.Tensor  # [B, len(plan.loss_steps)] query losses, detached
     logits: torch.Tensor  # [B, ways*queries, ways] final-step query logits, detached
     stats: list[list[BatchStats]]  # per task, per forward pass (see inner_loop)
+    accuracy: torch.Tensor | None = None  # [B] final-step query accuracy (set by the learner)
 
 
 def _run(meta: MetaParams, batch: TaskBatch, plan: InnerPlan, vmapped: bool):
@@ -52,10 +53,13 @@ def meta_batch(
     weights: torch.Tensor | None,
     impl: str,
     chunk: int = 0,
+    denominator: int = 0,
 ) -> BatchResult:
     """Run the inner loop of every task; with `weights`, backpropagate the meta-loss
-    mean_b sum_i w_i L_query_i(b) into the meta-parameters' `.grad`."""
+    sum_b sum_i w_i L_query_i(b) / denominator (default: the batch size, i.e. the mean over
+    tasks; the global meta-batch when the tasks are split across processes) into `.grad`."""
     size = batch.size
+    denominator = denominator or size
     step = 1 if impl == "loop" else (chunk or size)
     losses, logits, stats = [], [], []
     for start in range(0, size, step):
@@ -65,7 +69,7 @@ def meta_batch(
             q_losses, q_logits = q_losses[None], q_logits[None]
             q_stats = [[(m[None], v[None]) for m, v in s] for s in q_stats]
         if weights is not None:
-            (q_losses * weights).sum().div(size).backward()
+            (q_losses * weights).sum().div(denominator).backward()
         losses.append(q_losses.detach())
         logits.append(q_logits.detach())
         stats += [_unbatch(q_stats, b) for b in range(part.size)] if plan.track_stats else []

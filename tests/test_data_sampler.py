@@ -55,8 +55,7 @@ def test_support_and_query_are_disjoint_draws_from_distinct_classes(split):
         owner: dict[int, int] = {}
         turns: dict[int, set[int]] = {}
         seen: dict[int, set[int]] = {}
-        for xs, ys, part in ((raw.x_support[t], raw.y_support[t], "s"),
-                             (raw.x_query[t], raw.y_query[t], "q")):
+        for xs, ys in ((raw.x_support[t], raw.y_support[t]), (raw.x_query[t], raw.y_query[t])):
             for img, label in zip(xs, ys.tolist(), strict=True):
                 c, i, k = identify(ds, split, img)
                 assert owner.setdefault(label, c) == c  # one class per label

@@ -267,10 +267,8 @@ class CacheWriter:
     def _os_error(self, e: OSError) -> Exception:
         if e.errno in (errno.ENOSPC, errno.EDQUOT):
             return _space_error(self.root, self.name)
-        if isinstance(e, PermissionError) or e.errno in (errno.EROFS, errno.EACCES):
-            return UserError(f"Cannot write the data cache in {self.root}: {e.strerror}; "
-                             "set MAMLPP_HOME to a writable folder.")
-        return e
+        return UserError(f"Cannot write the data cache in {self.root}: {e.strerror or e}; "
+                         "set MAMLPP_HOME to a writable folder.")
 
     def _discard(self) -> None:
         if self.fd is not None:

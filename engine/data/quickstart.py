@@ -12,7 +12,8 @@ Rendering is vectorised torch: 64 points along each curve are set on a 56x56 can
 (thin pen: by a plus; thick pen: plus then 3x3 square), and a 28x28 pixel is ink when at least
 2 of its 4 sub-pixels are. Pixels are uint8 in {0, 1} with ink = 1, like the Omniglot cache.
 For scale, on 5-way 1-shot tasks nearest neighbour on raw pixels gets about 55% here (41% on
-Omniglot).
+Omniglot), and the quickstart preset's MAML++ run went from 56% (untrained network, adapted)
+to 83% validation accuracy in its 6 short epochs (2.5 minutes on a 2-core CPU).
 
 3000 classes (2000 train, 400 val, 600 test) x 20 samples, from seed QUICKSTART_SEED; the
 whole set takes one to two seconds on two CPU cores. `load_dataset("quickstart")` generates and
