@@ -21,6 +21,15 @@ import torch
 from engine import checkpoints as ckpt
 from engine.config import Config, from_dict
 from engine.control import ControlReader
+from engine.distributed import (
+    SINGLE,
+    World,
+    all_gather_rows,
+    barrier,
+    broadcast_object,
+    broadcast_tensors,
+    check_divisible,
+)
 from engine.errors import UserError
 from engine.evaluation import ensemble, evaluate_tasks, summarize, task_batches
 from engine.events import EventWriter
@@ -33,9 +42,11 @@ SYSTEM_EVERY_S = 5.0
 PAUSE_POLL_S = 0.2
 
 
-def pick_device(requested: str) -> torch.device:
+def pick_device(requested: str, world: World = SINGLE) -> torch.device:
     if requested == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        requested = "cuda" if torch.cuda.is_available() else "cpu"
+    if requested == "cuda" and world.active:
+        requested = f"cuda:{world.local_rank}"
     if requested.startswith("cuda") and not torch.cuda.is_available():
         raise UserError("--device cuda was asked for but no CUDA GPU is available; "
                         "use --device cpu.")
@@ -68,14 +79,22 @@ class _State:
 
 
 class Trainer:
+    """One run's engine. Under torchrun every rank builds one; rank 0 alone reads and writes
+    the run directory, the others get the config and checkpoints from it by broadcast."""
+
     def __init__(self, run: RunDir, device: str = "auto",
-                 on_progress: Callable[[Progress], None] | None = None) -> None:
+                 on_progress: Callable[[Progress], None] | None = None,
+                 world: World = SINGLE) -> None:
         self.run = run
-        self.config = run_config(run)
-        self.device = pick_device(device)
-        self.on_progress = on_progress
-        self.log = _file_logger(run)
-        self.events = EventWriter(run.events_path)
+        self.world = world
+        self.main = world.is_main
+        raw = run_config(run).to_dict() if self.main else None
+        self.config = from_dict(broadcast_object(raw, world))
+        check_divisible(self.config.train.meta_batch, world)
+        self.device = pick_device(device, world)
+        self.on_progress = on_progress if self.main else None
+        self.log = _file_logger(run) if self.main else _null_logger()
+        self.events = EventWriter(run.events_path) if self.main else None
         self.state = _State()
         t = self.config.train
         self.ipe = t.iters_per_epoch
@@ -87,8 +106,9 @@ class Trainer:
     def train(self) -> str:
         """Run to the end (or until stopped); return the final state. Never raises for engine
         failures: they are written to engine.log and status.json as state "failed"."""
-        self.run.acquire_lock()
-        self.control = ControlReader(self.run.path)  # after the lock: older commands are stale
+        if self.main:
+            self.run.acquire_lock()
+            self.control = ControlReader(self.run.path)  # after the lock: older ones are stale
         try:
             return self._train()
         except KeyboardInterrupt:
@@ -111,16 +131,21 @@ class Trainer:
         finally:
             if hasattr(self, "prefetcher"):
                 self.prefetcher.close()
-            self.events.close()
-            self.run.release_lock()
+            if self.main:
+                self.events.close()
+                self.run.release_lock()
 
     def _train(self) -> str:
         from engine.data import load_dataset, sampler_for
 
         cfg = self.config
+        if not self.main:  # rank 0 builds a missing cache (quickstart) before the others read it
+            barrier(self.world)
         dataset = load_dataset(cfg.data.dataset)
+        if self.main:
+            barrier(self.world)
         self.samplers = {s: sampler_for(cfg, s, dataset) for s in ("train", "val", "test")}
-        self.learner = MetaLearner(cfg, self.device)
+        self.learner = MetaLearner(cfg, self.device, world=self.world)
         self._resume()
         self._record_runtime()
         self._set_state("running", "resumed" if self.state.iteration else "started")
@@ -154,8 +179,9 @@ class Trainer:
                             step_losses=metrics.step_losses, msl_weights=metrics.msl_weights,
                             meta_lr=metrics.meta_lr, second_order=metrics.second_order,
                             iters_per_sec=speed)
-                self.run.write_status(iteration=self.state.iteration, epoch=epoch)
-            if time.monotonic() - last_system > SYSTEM_EVERY_S:
+                if self.main:
+                    self.run.write_status(iteration=self.state.iteration, epoch=epoch)
+            if self.main and time.monotonic() - last_system > SYSTEM_EVERY_S:
                 last_system = time.monotonic()
                 self._event("system", **stats.snapshot())
             every = cfg.train.checkpoint_every
@@ -164,7 +190,7 @@ class Trainer:
             if self.on_progress:
                 self.on_progress(Progress(self.state.iteration, self.total, epoch, metrics, speed,
                                           self._last_val()))
-        if self.run.read_ensemble() is None:
+        if not broadcast_object(self.main and self.run.read_ensemble() is not None, self.world):
             self.run_ensemble()
         self._set_state("finished", "all epochs done")
         return "finished"
@@ -176,8 +202,9 @@ class Trainer:
 
         mb = self.config.train.meta_batch
         start = self.state.iteration
-        self.prefetcher = Prefetcher(self.samplers["train"], start * mb, mb, self.total - start,
-                                     self.device)
+        first, count = self.world.share(start * mb, mb)
+        self.prefetcher = Prefetcher(self.samplers["train"], first, count, self.total - start,
+                                     self.device, stride=mb)
         return iter(self.prefetcher)
 
     def _epoch_needs_validation(self) -> bool:
@@ -202,21 +229,23 @@ class Trainer:
                                       summary.accuracy))
 
     def validate(self):
-        sampler = self.samplers["val"]
-        n = self.config.eval.val_tasks
-        logits, labels, losses = evaluate_tasks(self.learner, task_batches(sampler.batch, n),
-                                                self.config.train.chunk_size)
+        logits, labels, losses = evaluate_split(self.learner, self.samplers["val"],
+                                                self.config.eval.val_tasks, self.world)
         return summarize(logits, labels, losses)
 
     def run_ensemble(self, top_k: int | None = None, n_tasks: int | None = None) -> dict:
         result = run_ensemble(self.run, self.config, self.device, top_k, n_tasks,
-                              self.samplers["test"])
+                              self.samplers["test"], self.world)
         self.log.info("ensemble of epochs %s: test accuracy %.4f +- %.4f", result["members"],
                       result["accuracy"], result["ci95"])
         return result
 
     def _handle_control(self) -> str | None:
-        """Apply pending commands; return a final state when the run must end here."""
+        """Apply pending commands (rank 0); every rank learns whether the run ends here."""
+        outcome = self._poll_control() if self.main else None
+        return broadcast_object(outcome, self.world)
+
+    def _poll_control(self) -> str | None:
         paused = False
         while True:
             for command in self.control.poll():
@@ -250,7 +279,7 @@ class Trainer:
 
     def _checkpoint(self, reason: str, epoch: int | None = None,
                     val_accuracy: float | None = None) -> None:
-        if not hasattr(self, "learner"):
+        if not hasattr(self, "learner") or not self.main:
             return
         k = self.state.iteration
         name = ckpt.epoch_name(epoch) if epoch is not None else ckpt.iter_name(k)
@@ -265,9 +294,20 @@ class Trainer:
         self.log.info("checkpoint %s saved (%s)", name, reason)
 
     def _resume(self) -> None:
+        found = self._load_newest() if self.main else None
+        found = broadcast_object(found and (found[0], found[2]), self.world)
+        if not found:
+            return
+        name, meta = found
+        tensors = broadcast_tensors(self._resume_tensors if self.main else {}, self.world)
+        self.learner.load_state_tensors(tensors)
+        self.state = _State(int(meta["iteration"]), list(meta.get("history", [])))
+        self.log.info("resumed from checkpoint %s at iteration %d", name, self.state.iteration)
+
+    def _load_newest(self):
         directory = self.run.checkpoints_dir
         if not ckpt.list_checkpoints(directory):
-            return
+            return None
         name, tensors, meta, skipped = ckpt.load_latest_valid(directory)
         for bad, why in skipped:
             self.log.warning("checkpoint %s is unusable (%s); falling back", bad, why)
@@ -276,9 +316,8 @@ class Trainer:
         if meta.get("config_digest") != self.config.digest():
             raise UserError(f"Checkpoint {name} was made with a different config than "
                             f"{self.run.run_id}'s config.json; it cannot be resumed.")
-        self.learner.load_state_tensors(tensors)
-        self.state = _State(int(meta["iteration"]), list(meta.get("history", [])))
-        self.log.info("resumed from checkpoint %s at iteration %d", name, self.state.iteration)
+        self._resume_tensors = tensors
+        return name, tensors, meta
 
     def _last_val(self) -> float | None:
         return self.state.history[-1]["accuracy"] if self.state.history else None
@@ -287,15 +326,19 @@ class Trainer:
 
     def _event(self, type: str, iteration: int | None = None, epoch: int | None = None,
                **fields: Any) -> None:
+        if not self.main:
+            return
         k = self.state.iteration if iteration is None else iteration
         e = max(0, (k - 1)) // self.ipe if epoch is None else epoch
         self.events.write(type, iteration=k, epoch=e, **fields)
 
     def _set_state(self, state: str, reason: str, error: str | None = None) -> None:
+        if not self.main:
+            return
         k = self.state.iteration
         self.run.write_status(state=state, pid=os.getpid(), iteration=k,
                               epoch=min(k // self.ipe, self.config.train.epochs - 1), error=error)
-        self._event("state", state=state, reason=reason)
+        self._event("state", state=state, reason=reason, world_size=self.world.size)
 
     def _lslr_event(self, epoch: int = 0) -> None:
         rates = {k: v.detach().cpu().tolist() for k, v in self.learner.meta.lrs.items()}
@@ -304,19 +347,35 @@ class Trainer:
     def _record_runtime(self) -> None:
         from engine.run_store import atomic_write_json
 
+        if not self.main:
+            return
         raw = dict(self.run.read_config())
         raw["runtime"] = {"device": str(self.device), "impl": self.learner.impl,
-                          "dtype": "float32", "torch": torch.__version__, "world_size": 1}
+                          "dtype": "float32", "torch": torch.__version__,
+                          "world_size": self.world.size}
         atomic_write_json(self.run.config_path, raw)
 
 
+def evaluate_split(learner: MetaLearner, sampler, n_tasks: int, world: World = SINGLE):
+    """Adapt the fixed tasks 0..n_tasks-1, each rank its contiguous share, gathered in order."""
+    first, count = world.share(0, n_tasks)
+    logits, labels, losses = evaluate_tasks(
+        learner, task_batches(lambda s, c: sampler.batch(first + s, c), count),
+        learner.config.train.chunk_size)
+    if world.active:
+        counts = [World(r, world.size).share(0, n_tasks)[1] for r in range(world.size)]
+        logits, labels, losses = (all_gather_rows(t.to(world.device), counts, world).cpu()
+                                  for t in (logits, labels, losses))
+    return logits, labels, losses
+
+
 def run_ensemble(run: RunDir, config: Config, device: torch.device, top_k: int | None = None,
-                 n_tasks: int | None = None, sampler=None) -> dict:
+                 n_tasks: int | None = None, sampler=None, world: World = SINGLE) -> dict:
     """Adapt the top-k validation epochs on the same fixed test tasks and average their logits;
     writes ensemble.json and returns it."""
     for attempt in range(3):
         try:
-            return _run_ensemble(run, config, device, top_k, n_tasks, sampler)
+            return _run_ensemble(run, config, device, top_k, n_tasks, sampler, world)
         except ckpt.CheckpointError:
             if attempt == 2:  # a training engine prunes checkpoints; choose again
                 raise
@@ -324,15 +383,17 @@ def run_ensemble(run: RunDir, config: Config, device: torch.device, top_k: int |
 
 
 def _run_ensemble(run: RunDir, config: Config, device: torch.device, top_k: int | None,
-                  n_tasks: int | None, sampler) -> dict:
+                  n_tasks: int | None, sampler, world: World) -> dict:
     directory = run.checkpoints_dir
     top_k = top_k or config.eval.ensemble_top_k
     n_tasks = n_tasks or config.eval.test_tasks
     scored = []
-    for name in ckpt.list_checkpoints(directory):
-        meta = ckpt.read_sidecar(directory, name)
-        if meta.get("val_accuracy") is not None:
-            scored.append((meta["val_accuracy"], meta["epoch"], name))
+    if world.is_main:
+        for name in ckpt.list_checkpoints(directory):
+            meta = ckpt.read_sidecar(directory, name)
+            if meta.get("val_accuracy") is not None:
+                scored.append((meta["val_accuracy"], meta["epoch"], name))
+    scored = broadcast_object(scored, world)
     if not scored:
         raise UserError(f"Run {run.run_id} has no validated epoch checkpoints yet; train at least "
                         "one epoch before running the ensemble.")
@@ -345,13 +406,14 @@ def _run_ensemble(run: RunDir, config: Config, device: torch.device, top_k: int 
     learner = MetaLearner(config, device)
     member_logits, labels = [], None
     for _, _, name in chosen:
-        tensors, _ = ckpt.load_checkpoint(directory, name)
-        learner.load_state_tensors(tensors)
-        logits, labels, _ = evaluate_tasks(learner, task_batches(sampler.batch, n_tasks),
-                                           config.train.chunk_size)
+        tensors = ckpt.load_checkpoint(directory, name)[0] if world.is_main else {}
+        learner.load_state_tensors(broadcast_tensors(tensors, world))
+        logits, labels, _ = evaluate_split(learner, sampler, n_tasks, world)
         member_logits.append(logits)
     result = ensemble(member_logits, labels, [epoch for _, epoch, _ in chosen]).to_dict()
     result["member_val_accuracies"] = [acc for acc, _, _ in chosen]
+    if not world.is_main:
+        return result
     _save_logits(run, torch.stack(member_logits), labels)
     run.write_ensemble(result)
     status = run.read_raw_status()
@@ -369,6 +431,13 @@ def _save_logits(run: RunDir, member_logits: torch.Tensor, labels: torch.Tensor)
 
     data = save({"member_logits": member_logits.contiguous(), "labels": labels.contiguous()})
     atomic_write_bytes(run.path / "ensemble-logits.safetensors", data)
+
+
+def _null_logger() -> logging.Logger:
+    log = logging.getLogger("mamlpp.engine.rank")
+    log.addHandler(logging.NullHandler())
+    log.propagate = False
+    return log
 
 
 def _file_logger(run: RunDir) -> logging.Logger:

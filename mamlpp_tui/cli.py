@@ -63,8 +63,12 @@ def _open_run(ref: str):
     return find_run(ref)
 
 
-def _start(run, device: str, detach: bool, no_tui: bool) -> None:
-    """Foreground with progress (--no-tui or no terminal), detached, or background + dashboard."""
+def _start(run, device: str, detach: bool, no_tui: bool, world=None) -> None:
+    """Foreground with progress (--no-tui, no terminal or torchrun), detached, or background +
+    dashboard."""
+    if world is not None and world.active:
+        _foreground(run, device, world)
+        return
     interactive = sys.stdin.isatty() and sys.stdout.isatty()
     if no_tui or (not interactive and not detach):
         _foreground(run, device)
@@ -82,15 +86,21 @@ def _start(run, device: str, detach: bool, no_tui: bool) -> None:
                   f"Reopen with `mamlpp watch {run.run_id}`.")
 
 
-def _foreground(run, device: str) -> None:
+def _foreground(run, device: str, world=None) -> None:
+    from engine.distributed import SINGLE
     from engine.trainer import Trainer, run_config
     from mamlpp_tui.progress import ProgressDisplay
 
+    world = world or SINGLE
+    if not world.is_main:  # other ranks compute; rank 0 reports
+        state = Trainer(run, device, world=world).train()
+        sys.exit(0 if state in ("finished", "stopped") else 1)
     config = run_config(run)
-    console.print(f"run [bold]{run.run_id}[/] ({config.name}) in {run.path}")
+    where = f" on {world.size} processes" if world.active else ""
+    console.print(f"run [bold]{run.run_id}[/] ({config.name}) in {run.path}{where}")
     display = ProgressDisplay(config.train.epochs * config.train.iters_per_epoch, console)
     try:
-        state = Trainer(run, device, on_progress=display).train()
+        state = Trainer(run, device, on_progress=display, world=world).train()
     finally:
         display.close()
     status = run.read_status()
@@ -123,13 +133,17 @@ def run(
     """Start a new training run."""
     from engine.config import resolve
     from engine.data import require_dataset
-    from engine.run_store import create_run
+    from engine.distributed import broadcast_object, check_divisible, init_world
+    from engine.run_store import RunDir, create_run
     from engine.trainer import pick_device
 
     cfg = resolve(preset, config, set_)
-    pick_device(device)
+    world = init_world(device)
+    check_divisible(cfg.train.meta_batch, world)
+    pick_device(device, world)
     require_dataset(cfg.data.dataset)
-    _start(create_run(cfg.to_dict(), name), device, detach, no_tui)
+    path = str(create_run(cfg.to_dict(), name).path) if world.is_main else None
+    _start(RunDir(Path(broadcast_object(path, world))), device, detach, no_tui, world)
 
 
 @app.command()
@@ -140,8 +154,15 @@ def resume(
     no_tui: bool = typer.Option(False, "--no-tui", help="Train in the foreground."),
 ) -> None:
     """Continue a stopped, killed or crashed run from its newest valid checkpoint."""
+    from engine.distributed import broadcast_object, init_world
+    from engine.run_store import RunDir
     from engine.trainer import pick_device
 
+    world = init_world(device)
+    if not world.is_main:
+        path = broadcast_object(None, world)
+        _start(RunDir(Path(path)), device, detach, no_tui, world)
+        return
     run_dir = _open_run(run_ref)
     status = run_dir.reconcile_status()
     if run_dir.is_locked():
@@ -151,8 +172,9 @@ def resume(
     if status.get("state") == "finished":
         raise UserError(f"Run {run_dir.run_id} already finished; evaluate it with "
                         f"`mamlpp ensemble {run_dir.run_id}`.")
-    pick_device(device)
-    _start(run_dir, device, detach, no_tui)
+    pick_device(device, world)
+    broadcast_object(str(run_dir.path), world)
+    _start(run_dir, device, detach, no_tui, world)
 
 
 @app.command("ensemble")
@@ -249,6 +271,10 @@ def watch(run_ref: str = typer.Argument(..., metavar="RUN")) -> None:
     from mamlpp_tui.dashboard import run_dashboard
 
     run_dashboard(_open_run(run_ref).path)
+
+
+# `mamlpp bench` lives in its own module, registered here (bench_cli imports torch only when run).
+app.command("bench")(__import__("mamlpp_tui.bench_cli", fromlist=["bench"]).bench)
 
 
 def main() -> None:

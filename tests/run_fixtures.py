@@ -37,7 +37,11 @@ def run_dir(home: Path, run_id: str) -> Path:
 
 
 def status(home: Path, run_id: str) -> dict:
-    return json.loads((run_dir(home, run_id) / "status.json").read_text())
+    """status.json, or {} while the run directory is still being created."""
+    try:
+        return json.loads((run_dir(home, run_id) / "status.json").read_text())
+    except (FileNotFoundError, json.JSONDecodeError):
+        return {}
 
 
 def events(home: Path, run_id: str) -> list[dict]:

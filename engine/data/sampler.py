@@ -173,17 +173,22 @@ class Prefetcher:
     """Assemble the next meta-batches in a background thread while the current one trains.
 
     Iterating yields `n_batches` TaskBatches: batch i holds tasks
-    first_index + i*meta_batch ... + meta_batch - 1, float32 on `device`. At most `depth`
-    batches wait ready. `wait_seconds` is the total time the consumer spent waiting for data
+    first_index + i*stride ... + meta_batch - 1 (stride defaults to meta_batch), float32 on
+    `device`. At most `depth` batches wait ready. `wait_seconds` is the total time the consumer
+    spent waiting for data
     (`wait_count` the number of waits). An error in the thread is raised in the consumer.
     Use as a context manager, or call `close()`, when stopping early.
     """
 
     def __init__(self, sampler: TaskSampler, first_index: int, meta_batch: int, n_batches: int,
-                 device: torch.device | str = "cpu", depth: int = 2) -> None:
+                 device: torch.device | str = "cpu", depth: int = 2,
+                 stride: int | None = None) -> None:
         self.sampler = sampler
         self.first_index = int(first_index)
         self.meta_batch = int(meta_batch)
+        # distance between consecutive batches' first tasks: the global meta-batch when this
+        # process holds only its share of each meta-batch
+        self.stride = int(stride or meta_batch)
         self.n_batches = int(n_batches)
         self.device = torch.device(device)
         self.wait_seconds = 0.0
@@ -213,7 +218,7 @@ class Prefetcher:
             for i in range(self.n_batches):
                 if self._stop.is_set():
                     return
-                start = self.first_index + i * self.meta_batch
+                start = self.first_index + i * self.stride
                 if stream is not None:
                     with torch.cuda.stream(stream):
                         raw = self.sampler.raw_batch(start, self.meta_batch)

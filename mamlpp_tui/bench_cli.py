@@ -1,0 +1,122 @@
+"""`mamlpp bench`: speed and memory of the engine on synthetic tasks shaped like a preset.
+
+This module imports nothing heavy at import time (the CLI registers it on every start); torch
+and the engine come in when the command runs.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import typer
+
+from engine.errors import UserError
+
+
+def _choices(value: str, allowed: tuple[str, str], option: str) -> list[str]:
+    if value == "both":
+        return list(allowed)
+    if value not in allowed:
+        raise UserError(f"{option} must be {allowed[0]}, {allowed[1]} or both (got {value!r}).")
+    return [value]
+
+
+def _gib(value: float | None) -> str:
+    return "-" if value is None else f"{value:.2f}"
+
+
+def _num(value: float | None, fmt: str) -> str:
+    return "-" if value is None else format(value, fmt)
+
+
+def _table(report: dict):
+    from rich.table import Table
+
+    device = report["device"]
+    title = f"mamlpp bench on {device['device']}: {device['cpu_model']}"
+    if device.get("gpu"):
+        title += f", {device['gpu']['name']}"
+    table = Table(title=title)
+    # s/it: median seconds per meta-iteration; %mm: achieved FLOP/s as % of a float32 matmul;
+    # wait%: share of the step spent waiting for data; GiB: peak memory of the phase.
+    for col in ("preset", "impl", "order", "s/it", "cpu s/it", "GF/it", "%mm", "wait%",
+                "train GiB", "eval task/s", "eval GiB"):
+        table.add_column(col, no_wrap=True, justify="left" if col in ("preset", "impl",
+                                                                     "order") else "right")
+    cuda = device["device"].startswith("cuda")
+    for row in report["rows"]:
+        if "error" in row:
+            table.add_row(row["preset"], row["impl"], "-", f"[red]{row['error']}[/]")
+            continue
+        peak = row["cuda_peak_gib"] if cuda else row["train_peak_rss_gib"]
+        table.add_row(
+            row["preset"], row["impl"], row["order"], _num(row["s_per_iter"], ".3f"),
+            _num(row["cpu_s_per_iter"], ".3f"), _num(row["gflops_per_iter"], ".1f"),
+            _num(None if row["matmul_fraction"] is None else 100 * row["matmul_fraction"],
+                 ".1f"),
+            _num(100 * row["data_wait_fraction"], ".2f"), _gib(peak),
+            _num(row["eval_tasks_per_s"], ".1f"), _gib(row["eval_peak_rss_gib"]),
+        )
+    return table
+
+
+def _targets_lines(report: dict) -> list[str]:
+    lines = []
+    for preset, checks in report["targets"]["presets"].items():
+        for name, c in checks.items():
+            verdict = "met" if c["met"] else "MISSED"
+            bound = c.get("max", c.get("min"))
+            lines.append(f"target {preset} {name}: {c['value']:.3f} (bound {bound}) {verdict}")
+    return lines
+
+
+def bench(
+    preset: list[str] = typer.Option(
+        [], "--preset", "-p",
+        help="Preset to measure (repeat for several; `paper` = the six paper presets). "
+             "Default: quickstart."),
+    impl: str = typer.Option("both", "--impl", help="loop, vmap or both."),
+    device: str = typer.Option("auto", "--device", help="auto, cpu or cuda."),
+    order: str = typer.Option("both", "--order", help="first, second or both."),
+    iters: int = typer.Option(None, "--iters", min=1,
+                              help="Timed iterations per phase (default 3 for mini-ImageNet, "
+                                   "5 otherwise)."),
+    warmup: int = typer.Option(1, "--warmup", min=0, help="Untimed iterations first."),
+    eval_tasks: int = typer.Option(50, "--eval-tasks", min=0,
+                                   help="Validation tasks to time (0 skips evaluation)."),
+    threads: int = typer.Option(None, "--threads", min=1, help="torch intra-op threads."),
+    set_: list[str] = typer.Option([], "--set", "-s",
+                                   help="Config override for every preset: section.key=value."),
+    as_json: bool = typer.Option(False, "--json", help="Print the report as JSON."),
+    out: Path = typer.Option(None, "--out", help="Also write the JSON report to this file."),
+) -> None:
+    """Measure seconds per meta-iteration, validation speed, peak memory, FLOP/s and data
+    waits on synthetic tasks shaped like each preset (no data set needed)."""
+    from engine.bench import BenchOptions, run_bench, write_report
+
+    options = BenchOptions(
+        presets=list(preset) or ["quickstart"],
+        impls=_choices(impl, ("loop", "vmap"), "--impl"),
+        orders=_choices(order, ("first", "second"), "--order"),
+        device=device, iters=iters, warmup=warmup, eval_tasks=eval_tasks, threads=threads,
+        overrides=list(set_),
+    )
+
+    def progress(message: str) -> None:
+        print(message, file=sys.stderr, flush=True)
+
+    report = run_bench(options, progress=progress)
+    if out is not None:
+        write_report(report, out)
+        progress(f"wrote {out}")
+    if as_json:
+        print(json.dumps(report, indent=2))
+        return
+    from rich.console import Console
+
+    console = Console()
+    console.print(_table(report))
+    for line in _targets_lines(report):
+        console.print(line, markup=False, highlight=False)
