@@ -42,7 +42,8 @@ def _inert(key: str) -> bool:
     """Conv biases (and their rates) feed batch norm, which subtracts the batch mean: they
     change no output and their gradient is pure rounding noise, which Adam normalises into
     lr-sized steps. Summation order differs between 1 and 2 processes, so they wander apart."""
-    return key.split(".")[1].startswith("conv") and key.endswith(".bias") and not key.startswith("bn")
+    parts = key.split(".")
+    return parts[0] in ("net", "lslr") and parts[1].startswith("conv") and key.endswith(".bias")
 
 
 def _close(a, b, rel):
