@@ -40,7 +40,7 @@ def test_meta_training_learns_far_above_chance():
     gen = torch.Generator().manual_seed(0)
     train, held_out = prototypes(500, gen), prototypes(100, gen)
     noise = 1.5
-    cfg = small_config("data.ways=5", "data.shots=1", "data.queries=3", "model.filters=16",
+    cfg = small_config("data.ways=5", "data.shots=1", "data.queries=3", "model.filters=8",
                        "model.stages=3", "train.meta_batch=4", "train.inner_steps=3",
                        "train.meta_lr=3e-3", "train.epochs=3", "maml_pp.msl_epochs=1",
                        "maml_pp.first_order_epochs=2", "train.eval_inner_steps=3")

@@ -103,12 +103,13 @@ def _zombie(pid):
 
 
 def test_kill9_at_random_moments_then_resume_is_bit_identical(home, finished):
-    rng = random.Random(7)
+    # kill at random iterations (the status is written every iteration of this config)
+    targets = sorted(random.Random(7).sample(range(1, 12), 3))
     run_id = start(home, "train.checkpoint_every=3", name="killed")
     kills = 0
-    while status(home, run_id)["state"] != "finished" and kills < 4:
-        wait_for(lambda: status(home, run_id)["state"] in ("finished", "failed"),
-                 timeout=rng.uniform(0.5, 3.0))
+    for target in targets:
+        wait_for(lambda t=target: status(home, run_id).get("iteration", 0) >= t
+                 or status(home, run_id).get("state") == "finished", timeout=60, every=0.005)
         if status(home, run_id)["state"] != "finished":
             _kill(home, run_id)
             kills += 1
