@@ -178,7 +178,8 @@ class Trainer:
                 self._event("train", loss=metrics.loss, accuracy=metrics.accuracy,
                             step_losses=metrics.step_losses, msl_weights=metrics.msl_weights,
                             meta_lr=metrics.meta_lr, second_order=metrics.second_order,
-                            iters_per_sec=speed)
+                            iters_per_sec=speed,
+                            data_wait_s=round(self.prefetcher.wait_seconds, 4))
                 if self.main:
                     self.run.write_status(iteration=self.state.iteration, epoch=epoch)
             if self.main and time.monotonic() - last_system > SYSTEM_EVERY_S:

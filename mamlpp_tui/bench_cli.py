@@ -48,7 +48,7 @@ def _table(report: dict):
     cuda = device["device"].startswith("cuda")
     for row in report["rows"]:
         if "error" in row:
-            table.add_row(row["preset"], row["impl"], "-", f"[red]{row['error']}[/]")
+            table.add_row(row["preset"], row["impl"], row["order"], f"[red]{row['error']}[/]")
             continue
         peak = row["cuda_peak_gib"] if cuda else row["train_peak_rss_gib"]
         table.add_row(
@@ -87,6 +87,8 @@ def bench(
     eval_tasks: int = typer.Option(50, "--eval-tasks", min=0,
                                    help="Validation tasks to time (0 skips evaluation)."),
     threads: int = typer.Option(None, "--threads", min=1, help="torch intra-op threads."),
+    memory_cap: float = typer.Option(None, "--memory-cap", min=0.1,
+                                     help="GiB each measuring process may allocate (Linux)."),
     set_: list[str] = typer.Option([], "--set", "-s",
                                    help="Config override for every preset: section.key=value."),
     as_json: bool = typer.Option(False, "--json", help="Print the report as JSON."),
@@ -102,6 +104,7 @@ def bench(
         orders=_choices(order, ("first", "second"), "--order"),
         device=device, iters=iters, warmup=warmup, eval_tasks=eval_tasks, threads=threads,
         overrides=list(set_),
+        memory_cap_bytes=int(memory_cap * 2**30) if memory_cap else None,
     )
 
     def progress(message: str) -> None:
