@@ -461,7 +461,8 @@ def _measure(job: dict) -> dict[str, Any]:
     setup = {"threads": torch.get_num_threads(), "matmul_flops_per_s": matmul,
              "tf32": {"matmul": torch.backends.cuda.matmul.allow_tf32,
                       "cudnn": torch.backends.cudnn.allow_tf32},
-             "rss_after_setup_bytes": current_rss(), "load_average": list(os.getloadavg())}
+             "rss_after_setup_bytes": current_rss(), "load_average": list(os.getloadavg()),
+             "memory_cap_bytes": job.get("memory_cap_bytes")}
     if job["phase"] == "eval":
         out = _eval_phase(job, cfg, dataset, device)
     else:
@@ -659,6 +660,9 @@ def summary_rows(report: dict) -> list[dict[str, Any]]:
                 "data_wait_fraction": p["data_wait_fraction"],
                 "train_peak_rss_gib": _gib(p["peak_rss_bytes"]),
                 "cuda_peak_gib": _gib(p.get("cuda_peak_bytes")),
+                "eval_tasks": ev.get("tasks"),
+                "eval_out_of_memory_at_tasks": [f["tasks"] for f in ev.get("out_of_memory", [])]
+                or None,
                 "eval_tasks_per_s": ev.get("tasks_per_s"),
                 "eval_s_per_task": ev.get("s_per_task"),
                 "eval_peak_rss_gib": _gib(ev.get("peak_rss_bytes")),
@@ -717,6 +721,16 @@ def check_targets(report: dict) -> dict[str, Any]:
                         "value": est / GIB, "train_impl": train_impl, "eval_impl": ev_impl,
                         "max": target["rss_gib_max"], "reference": ref["rss_gib"],
                         "met": est / GIB < target["rss_gib_max"]}
+                    checks["rss_gib"]["by_eval_impl"] = {
+                        impl: _gib(training_rss_estimate({**tr, "train": {
+                            "second": tr["train"]["second"]}, "eval": r.get("eval")}))
+                        for impl, r in ((k[1], v) for k, v in by_key.items() if k[0] == preset)}
+                    if _ok(ev) and ev.get("out_of_memory"):  # validation did not fit the cap
+                        cap = (ev.get("memory_cap_bytes") or 0) / GIB
+                        checks["rss_gib"].update(
+                            value=max(est / GIB, cap), lower_bound=True, met=False,
+                            note=f"validation of {ev['out_of_memory'][0]['tasks']} tasks at "
+                                 f"once ran out of the {cap:.1f} GiB cap")
         out["presets"][preset] = checks
     return out
 

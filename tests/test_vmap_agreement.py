@@ -48,7 +48,7 @@ def test_vmap_matches_loop(switch, second):
         for k, v in loop.meta.running.items():
             assert _rel(vm.meta.running[k], v) <= tol, k
         e_loop = loop.evaluate(random_batch(cfg, seed=4, tasks=5), steps=4, impl="loop")
-        e_vm = vm.evaluate(random_batch(cfg, seed=4, tasks=5), steps=4, chunk=2)
+        e_vm = vm.evaluate(random_batch(cfg, seed=4, tasks=5), steps=4, chunk=2, impl="vmap")
         assert _rel(e_vm.logits, e_loop.logits) <= tol
 
 
