@@ -13,7 +13,7 @@ from safetensors.torch import load_file
 
 # A whole quickstart run in a few seconds: 3 epochs x 4 iterations, a tiny net.
 TINY = [
-    "train.epochs=3", "train.iters_per_epoch=4", "train.meta_batch=2", "model.filters=8",
+    "train.epochs=3", "train.iters_per_epoch=4", "train.meta_batch=4", "model.filters=32",
     "train.inner_steps=2", "train.eval_inner_steps=2", "maml_pp.msl_epochs=1",
     "maml_pp.first_order_epochs=1", "eval.val_tasks=10", "eval.test_tasks=12",
 ]
