@@ -184,7 +184,9 @@ class MetaLearner:
         training one: on CPU the per-task loop evaluated faster than vmapped tasks on every
         paper preset and vmap's memory grows with the tasks at once (benchmarks/results);
         vmapped tasks go `chunk` at a time (0: all)."""
-        impl = impl or self.impl
+        if impl is None:  # small tasks (quickstart, 5-way 1-shot) adapt faster vmapped on CPU too
+            d = self.config.data
+            impl = "vmap" if d.ways * (d.shots + d.queries) <= 10 else self.impl
         steps = steps or self.config.train.eval_inner_steps
         plan = InnerPlan(steps, (steps - 1,), second_order=False, track_stats=False,
                          use_running=self.config.maml_pp.bn_eval_stats == "running")
