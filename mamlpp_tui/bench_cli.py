@@ -32,13 +32,14 @@ def _num(value: float | None, fmt: str) -> str:
 
 
 def _table(report: dict):
+    from rich import box
     from rich.table import Table
 
     device = report["device"]
     title = f"mamlpp bench on {device['device']}: {device['cpu_model']}"
     if device.get("gpu"):
         title += f", {device['gpu']['name']}"
-    table = Table(title=title)
+    table = Table(title=title, box=box.SIMPLE_HEAD, pad_edge=False)
     # s/it: median seconds per meta-iteration; %mm: achieved FLOP/s as % of a float32 matmul;
     # wait%: share of the step spent waiting for data; GiB: peak memory of the phase.
     for col in ("preset", "impl", "order", "s/it", "cpu s/it", "GF/it", "%mm", "wait%",
@@ -119,7 +120,7 @@ def bench(
         return
     from rich.console import Console
 
-    console = Console()
+    console = Console(width=None if sys.stdout.isatty() else 160)  # no wrapping in files
     console.print(_table(report))
     for line in _targets_lines(report):
         console.print(line, markup=False, highlight=False)
