@@ -69,7 +69,6 @@ class Progress:
     metrics: StepMetrics | None
     iters_per_sec: float
     val_accuracy: float | None = None
-    state: str = "running"
 
 
 @dataclass

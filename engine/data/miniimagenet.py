@@ -28,6 +28,7 @@ import numpy as np
 from PIL import Image
 
 from engine.data.cache import SPLITS, CacheWriter, FewShotDataset, load_cached
+from engine.data.images import decode_image
 from engine.data.progress import Reporter
 from engine.data.safe_pickle import UnsafePickleError, safe_load
 from engine.data.sources import FolderSource, Source, open_source
@@ -192,12 +193,7 @@ def _check_disjoint(classes: dict[str, list[str]], label: str) -> None:
 
 def decode_rgb(data: bytes, where: str) -> np.ndarray:
     """Encoded image -> uint8 [3, 84, 84] (converted to RGB, resized with LANCZOS if needed)."""
-    try:
-        with Image.open(io.BytesIO(data)) as im:
-            im.load()
-            rgb = im.convert("RGB")
-    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
-        raise UserError(f"Cannot read image {where}: {e}.") from None
+    rgb = decode_image(data, where, "RGB")
     if rgb.size != (IMAGE_SIZE, IMAGE_SIZE):
         rgb = rgb.resize((IMAGE_SIZE, IMAGE_SIZE), Image.Resampling.LANCZOS)
     return np.asarray(rgb, dtype=np.uint8).transpose(2, 0, 1)

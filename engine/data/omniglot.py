@@ -15,7 +15,6 @@ Conversion (documented in the manifest too):
 from __future__ import annotations
 
 import hashlib
-import io
 import os
 import re
 from collections.abc import Sequence
@@ -26,6 +25,7 @@ from PIL import Image
 
 from engine.data.cache import CacheWriter, FewShotDataset, load_cached, resolve_root
 from engine.data.download import download_file
+from engine.data.images import decode_image
 from engine.data.progress import Reporter
 from engine.data.sources import FolderSource, Source, ZipSource, open_source
 from engine.errors import UserError
@@ -123,12 +123,7 @@ def _check_content(classes: dict[str, list[tuple[Source, str]]], labels: str,
 
 def convert_png(data: bytes, where: str) -> np.ndarray:
     """One Omniglot PNG -> uint8 [28, 28] in {0, 1}, ink = 1 (see the module docstring)."""
-    try:
-        with Image.open(io.BytesIO(data)) as im:
-            im.load()
-            grey = im.convert("L")
-    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
-        raise UserError(f"Cannot read image {where}: {e}.") from None
+    grey = decode_image(data, where, "L")
     ink = Image.fromarray(255 - np.asarray(grey, dtype=np.uint8))
     small = np.asarray(ink.resize((IMAGE_SIZE, IMAGE_SIZE), Image.Resampling.BOX))
     return (small >= 128).astype(np.uint8)
