@@ -28,6 +28,7 @@ from engine.bench import (  # noqa: E402
     BenchOptions,
     check_targets,
     format_rows,
+    parse_impls,
     run_bench,
     summary_rows,
     write_report,
@@ -58,7 +59,8 @@ def merge(base: dict, new: dict) -> dict:
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--preset", action="append", help="preset (repeat); default: the six")
-    ap.add_argument("--impl", choices=("loop", "vmap", "both"), default="both")
+    ap.add_argument("--impl", default="all",
+                    help="auto, plain, loop, vmap (comma-separated), both or all")
     ap.add_argument("--order", choices=("first", "second", "both"), default="both")
     ap.add_argument("--iters", type=int, default=None,
                     help="timed iterations per phase (default 3 for mini-ImageNet, 5 otherwise)")
@@ -82,7 +84,7 @@ def main(argv: list[str] | None = None) -> int:
     free = psutil.virtual_memory().available
     cap = int(args.memory_cap_gib * GIB) if args.memory_cap_gib else min(14 * GIB, int(0.8 * free))
     options = BenchOptions(
-        presets=args.preset or list(PAPER_PRESETS), impls=both(args.impl, ("loop", "vmap")),
+        presets=args.preset or list(PAPER_PRESETS), impls=parse_impls(args.impl),
         orders=both(args.order, ("first", "second")), device="cpu", iters=args.iters,
         warmup=args.warmup, eval_tasks=args.eval_tasks, threads=args.threads,
         job_timeout=args.job_timeout, memory_cap_bytes=cap)

@@ -51,7 +51,8 @@ from engine.data.cache import FewShotDataset
 from engine.data.sampler import Prefetcher, TaskSampler
 from engine.errors import UserError
 from engine.evaluation import EVAL_BATCH
-from engine.learner import MetaLearner, NonFiniteLossError, resolve_impl
+from engine.fast_paths import resolve_impl
+from engine.learner import MetaLearner, NonFiniteLossError
 from engine.msl import msl_weights
 from engine.presets import preset_names
 from engine.schedule import meta_lr
@@ -270,9 +271,30 @@ def default_iters(preset_config) -> int:
     return 3 if preset_config.data.dataset == "miniimagenet" else 5
 
 
+# What each bench "implementation" is, as config overrides: `auto` is the engine's default path
+# for the device, `plain` the per-task loop without the speed paths (no task threads, no
+# channels-last): the baseline the default must never be slower than.
+IMPLS = {
+    "auto": [],
+    "plain": ["train.impl=loop", "train.task_threads=1", "train.channels_last=never"],
+    "loop": ["train.impl=loop"],
+    "vmap": ["train.impl=vmap"],
+}
+
+
+def parse_impls(value: str) -> list[str]:
+    """`auto,plain` -> ["auto", "plain"]; `both` is loop and vmap, `all` every one."""
+    named = {"both": ["loop", "vmap"], "all": list(IMPLS)}
+    out = [i for part in value.split(",") for i in named.get(part.strip(), [part.strip()])]
+    bad = [i for i in out if i not in IMPLS]
+    if bad or not out:
+        raise ConfigError(f"--impl takes {', '.join(IMPLS)}, both or all, comma-separated "
+                          f"(got {value!r}).")
+    return list(dict.fromkeys(out))
+
+
 def _config(job: dict):
-    return resolve(job["preset"], overrides=[*job.get("overrides", []),
-                                             f"train.impl={job['impl']}"])
+    return resolve(job["preset"], overrides=[*job.get("overrides", []), *IMPLS[job["impl"]]])
 
 
 def count_step_flops(learner, batch, weights: list[float], second_order: bool) -> int:
@@ -552,8 +574,9 @@ def run_bench(options: BenchOptions,
 
     say = progress or (lambda _msg: None)
     for impl in options.impls:
-        if impl not in ("loop", "vmap"):
-            raise ConfigError(f"--impl must be loop, vmap or both (got {impl!r}).")
+        if impl not in IMPLS:
+            raise ConfigError(f"--impl must be among {', '.join(IMPLS)}, both (loop and vmap) "
+                              f"or all (got {impl!r}).")
     for order in options.orders:
         if order not in ("first", "second"):
             raise ConfigError(f"--order must be first, second or both (got {order!r}).")
@@ -735,7 +758,8 @@ def check_targets(report: dict) -> dict[str, Any]:
     with `impl = auto` for this device, validation with `evaluate`'s default for the preset;
     the best measured implementation is given too."""
     device = report["device"]["device"]
-    train_impl = resolve_impl("auto", torch.device(device))
+    measured = {r["impl"] for r in report["results"]}
+    train_impl = "auto" if "auto" in measured else resolve_impl("auto", torch.device(device))
     by_key = {(r["preset"], r["impl"]): r for r in report["results"]}
     out: dict[str, Any] = {"train_impl": train_impl, "presets": {}}
     overrides = report.get("options", {}).get("overrides", [])
@@ -744,7 +768,8 @@ def check_targets(report: dict) -> dict[str, Any]:
         runs = [r for r in report["results"] if r["preset"] == preset]
         if not runs:
             continue
-        eval_impl = engine_eval_impl(resolve(preset, overrides=overrides), device)
+        eval_impl = ("auto" if "auto" in measured
+                     else engine_eval_impl(resolve(preset, overrides=overrides), device))
         checks: dict[str, Any] = {}
         second = {r["impl"]: r["train"]["second"] for r in runs
                   if _ok(r["train"].get("second"))}
@@ -756,6 +781,13 @@ def check_targets(report: dict) -> dict[str, Any]:
                 "best": second[best]["s_per_iter"], "best_impl": best,
                 "max": target["s_per_iter_max"], "reference": ref["s_per_iter"],
                 "met": value <= target["s_per_iter_max"]}
+        for order in ("first", "second"):
+            timed = {r["impl"]: r["train"][order]["s_per_iter"] for r in runs
+                     if _ok(r["train"].get(order))}
+            if "auto" in timed and "plain" in timed:
+                checks[f"default_vs_plain_{order}"] = {
+                    "value": timed["plain"] / timed["auto"], "auto": timed["auto"],
+                    "plain": timed["plain"], "min": 1.0, "met": timed["auto"] <= timed["plain"]}
         evals = {r["impl"]: r["eval"] for r in runs if _ok(r.get("eval"))}
         if evals:
             best = min(evals, key=lambda k: evals[k]["s_per_task"])

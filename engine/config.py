@@ -23,6 +23,8 @@ class ConfigError(UserError):
 
 
 DATASETS = ("omniglot", "miniimagenet", "quickstart")
+CHANNELS_LAST = ("auto", "never", "first_order", "always")  # passes run channels-last
+PRECISIONS = ("auto", "float32", "tf32", "bf16")
 # (channels, height/width) of the images each dataset feeds the network.
 IMAGE_SHAPES = {"omniglot": (1, 28), "quickstart": (1, 28), "miniimagenet": (3, 84)}
 
@@ -56,6 +58,9 @@ class TrainConfig:
     checkpoint_every: int = 0
     impl: str = "auto"
     chunk_size: int = 0
+    task_threads: int = 0
+    channels_last: str = "auto"
+    precision: str = "auto"
 
 
 @dataclass
@@ -245,6 +250,9 @@ def validate(cfg: Config) -> None:
     _at_least("train.checkpoint_every", t.checkpoint_every, 0)
     _choice("train.impl", t.impl, ("auto", "loop", "vmap"))
     _at_least("train.chunk_size", t.chunk_size, 0)
+    _at_least("train.task_threads", t.task_threads, 0)
+    _choice("train.channels_last", t.channels_last, CHANNELS_LAST)
+    _choice("train.precision", t.precision, PRECISIONS)
     _at_least("maml_pp.msl_epochs", p.msl_epochs, 1 if p.msl else 0)
     _at_least("maml_pp.first_order_epochs", p.first_order_epochs, -1)
     _choice("maml_pp.bn_eval_stats", p.bn_eval_stats, ("batch", "running"))

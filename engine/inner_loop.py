@@ -33,6 +33,21 @@ def _support_loss(adapted: Params, bn: Params, x: torch.Tensor, y: torch.Tensor,
     return F.cross_entropy(logits, y), stats
 
 
+def _query_loss(adapted: Params, bn: Params, x: torch.Tensor, y: torch.Tensor, step: int,
+                running: Params | None, track: bool):
+    logits, stats = forward(adapted, bn, x, step, running, track)
+    loss = F.cross_entropy(logits, y)
+    return loss, (loss, logits, stats)
+
+
+def _detached(params: Params) -> Params:
+    return {k: v.detach() for k, v in params.items()}
+
+
+def _dot(params: Params, grads: Params) -> torch.Tensor:
+    return sum((params[k] * grads[k]).sum() for k in params)
+
+
 def inner_loop(
     adapted: Params,
     bn: Params,
@@ -43,35 +58,52 @@ def inner_loop(
     x_query: torch.Tensor,
     y_query: torch.Tensor,
     plan: InnerPlan,
-) -> tuple[torch.Tensor, torch.Tensor, list[BatchStats]]:
+    weights: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, list[BatchStats], torch.Tensor]:
     """Adapt on the support set; return (query losses at plan.loss_steps, final query logits,
-    batch statistics of every forward pass in order: support 0, [query 0], support 1, ...).
+    batch statistics of every forward pass in order: support 0, [query 0], support 1, ...,
+    the meta-objective: zero without `weights`).
 
     theta_{i+1} = theta_i - alpha[tensor][i] * grad_support(theta_i); the query loss of step i
     uses theta_{i+1} and BN row i. First order computes the inner gradient on detached inputs,
     so no graph is built for it at all.
+
+    With `weights` (training, one per loss step) the returned objective has the meta-gradient
+    of sum_j w_j L_query_j, but no query graph is kept: each query loss is differentiated at
+    once with respect to its fast weights and the BN parameters, and the objective is
+    sum_j w_j (<theta_{i+1}, dL_j/dtheta_{i+1}> + <bn, dL_j/dbn>) with those derivatives
+    constant. Backpropagating it through theta_{i+1} (the support chain) gives exactly the
+    meta-gradient, while the query forwards (15 images per class on mini-ImageNet, most of a
+    step's activations) are freed as soon as they are used.
     """
     run = running if plan.use_running else None
     fast = adapted
     losses, stats = [], []
     logits = None
+    objective = x_query.new_zeros(())
     for i in range(plan.steps):
         if plan.second_order:
             g, s = grad(_support_loss, has_aux=True)(fast, bn, x_support, y_support, i, run,
                                                      plan.track_stats)
         else:
-            detached = {k: v.detach() for k, v in fast.items()}
-            bn_d = {k: v.detach() for k, v in bn.items()}
-            g, s = grad(_support_loss, has_aux=True)(detached, bn_d, x_support, y_support, i,
-                                                     run, plan.track_stats)
+            g, s = grad(_support_loss, has_aux=True)(_detached(fast), _detached(bn), x_support,
+                                                     y_support, i, run, plan.track_stats)
         stats.append(s)
         fast = {k: w - lrs[k][min(i, lrs[k].shape[0] - 1)] * g[k] for k, w in fast.items()}
-        if i in plan.loss_steps:
+        if i not in plan.loss_steps:
+            continue
+        if weights is None:
             logits, s = forward(fast, bn, x_query, i, run, plan.track_stats)
-            losses.append(F.cross_entropy(logits, y_query))
-            stats.append(s)
+            loss = F.cross_entropy(logits, y_query)
+        else:
+            (g_fast, g_bn), (loss, logits, s) = grad(_query_loss, argnums=(0, 1), has_aux=True)(
+                _detached(fast), _detached(bn), x_query, y_query, i, run, plan.track_stats)
+            term = weights[len(losses)] * (_dot(fast, g_fast) + _dot(bn, g_bn))
+            objective = objective + term
+        losses.append(loss)
+        stats.append(s)
     assert logits is not None, "the final step must be among loss_steps"
-    return torch.stack(losses), logits, stats
+    return torch.stack(losses), logits, stats, objective
 
 
 def stats_rows(plan: InnerPlan) -> list[int]:

@@ -15,6 +15,7 @@ from torch.func import vmap
 
 from engine.inner_loop import InnerPlan, inner_loop
 from engine.model import BatchStats, Params
+from engine.task_threads import task_threads
 from engine.tasks import TaskBatch
 
 
@@ -34,16 +35,21 @@ class BatchResult:
     accuracy: torch.Tensor | None = None  # [B] final-step query accuracy (set by the learner)
 
 
-def _run(meta: MetaParams, batch: TaskBatch, plan: InnerPlan, vmapped: bool):
+def _run(meta: MetaParams, batch: TaskBatch, plan: InnerPlan, weights: torch.Tensor | None,
+         vmapped: bool):
     args = (meta.adapted, meta.bn, meta.lrs, meta.running)
     data = (batch.x_support, batch.y_support, batch.x_query, batch.y_query)
     if vmapped:
-        return vmap(lambda *d: inner_loop(*args, *d, plan))(*data)
-    return inner_loop(*args, *(d[0] for d in data), plan)
+        return vmap(lambda *d: inner_loop(*args, *d, plan, weights))(*data)
+    return inner_loop(*args, *(d[0] for d in data), plan, weights)
 
 
 def _unbatch(stats: list[BatchStats], b: int) -> list[BatchStats]:
     return [[(m[b], v[b]) for m, v in s] for s in stats]
+
+
+def learnable(meta: MetaParams) -> list[torch.Tensor]:
+    return [v for d in (meta.adapted, meta.bn, meta.lrs) for v in d.values() if v.requires_grad]
 
 
 def meta_batch(
@@ -54,23 +60,44 @@ def meta_batch(
     impl: str,
     chunk: int = 0,
     denominator: int = 0,
+    workers: int = 1,
 ) -> BatchResult:
-    """Run the inner loop of every task; with `weights`, backpropagate the meta-loss
+    """Run the inner loop of every task; with `weights`, add the meta-gradient of
     sum_b sum_i w_i L_query_i(b) / denominator (default: the batch size, i.e. the mean over
-    tasks; the global meta-batch when the tasks are split across processes) into `.grad`."""
+    tasks; the global meta-batch when the tasks are split across processes) to `.grad`.
+
+    The parts (single tasks for the loop, `chunk` tasks vmapped, by default the batch split
+    evenly over the workers) may run on `workers` threads at once; each part's gradient is
+    taken on its own and they are added to `.grad` in task order, so the result does not depend
+    on how many threads ran or which finished first (at a fixed intra-op thread count)."""
     size = batch.size
     denominator = denominator or size
-    step = 1 if impl == "loop" else (chunk or size)
+    vmapped = impl != "loop"
+    step = 1 if not vmapped else (chunk or -(-size // max(1, min(workers, size))))
+    params = learnable(meta) if weights is not None else []
+    grad_enabled = torch.is_grad_enabled()
+
+    def run_part(start: int):
+        with torch.set_grad_enabled(grad_enabled):  # grad mode is per thread
+            part = batch.slice(start, min(start + step, size))
+            q_losses, q_logits, q_stats, objective = _run(meta, part, plan, weights, vmapped)
+            if not vmapped:
+                q_losses, q_logits = q_losses[None], q_logits[None]
+                q_stats = [[(m[None], v[None]) for m, v in s] for s in q_stats]
+            grads = None
+            if weights is not None:
+                grads = torch.autograd.grad(objective.sum() / denominator, params,
+                                            allow_unused=True)
+            stats = [_unbatch(q_stats, b) for b in range(part.size)] if plan.track_stats else []
+            return q_losses.detach(), q_logits.detach(), stats, grads
+
     losses, logits, stats = [], [], []
-    for start in range(0, size, step):
-        part = batch.slice(start, min(start + step, size))
-        q_losses, q_logits, q_stats = _run(meta, part, plan, vmapped=impl != "loop")
-        if impl == "loop":
-            q_losses, q_logits = q_losses[None], q_logits[None]
-            q_stats = [[(m[None], v[None]) for m, v in s] for s in q_stats]
-        if weights is not None:
-            (q_losses * weights).sum().div(denominator).backward()
-        losses.append(q_losses.detach())
-        logits.append(q_logits.detach())
-        stats += [_unbatch(q_stats, b) for b in range(part.size)] if plan.track_stats else []
+    with task_threads(workers, len(range(0, size, step))) as pool:
+        for q_losses, q_logits, q_stats, grads in pool.map(run_part, range(0, size, step)):
+            for p, g in zip(params, grads or (), strict=False):
+                if g is not None:
+                    p.grad = g if p.grad is None else p.grad.add_(g)
+            losses.append(q_losses)
+            logits.append(q_logits)
+            stats += q_stats
     return BatchResult(torch.cat(losses), torch.cat(logits), stats)

@@ -1,8 +1,9 @@
 """The MAML++ base network, written functionally so fast weights can be passed in.
 
 Four (or `stages`) blocks of conv3x3 -> batch norm -> LeakyReLU(0.01) -> max-pool 2x2, then a
-linear classifier. Parameters live in plain dicts rather than an nn.Module because the inner loop
-replaces the adapted tensors at every step and `torch.func.vmap` batches them over tasks.
+linear classifier (computed as pool-then-LeakyReLU, which is the same function). Parameters live
+in plain dicts rather than an nn.Module because the inner loop replaces the adapted tensors at
+every step and `torch.func.vmap` batches them over tasks.
 
 Batch norm is per step (SPEC 2.3/2.4): scale/shift and running statistics have one row per inner
 step; step i uses row min(i, rows - 1), so a single shared row (technique switched off) and
@@ -126,13 +127,17 @@ def forward(
             mean, var = running[f"bn{i}.running_mean"], running[f"bn{i}.running_var"]
             r = row(step, mean.shape[0])
             x = F.batch_norm(x, mean[r], var[r], w, b, training=False, eps=BN_EPS)
+        elif track:
+            # batch norm computes the batch mean and 1/sqrt(var + eps) anyway: reuse them
+            # (a separate mean/var pass cost 10-20% of a step); running sets want unbiased var
+            x, mean, invstd = torch.native_batch_norm(x, w, b, None, None, True, 0.0, BN_EPS)
+            n = x.numel() // x.shape[1]
+            stats.append((mean.detach(), (invstd.detach().pow(-2) - BN_EPS) * (n / (n - 1))))
         else:
-            if track:
-                with torch.no_grad():
-                    d = x.detach()
-                    stats.append((d.mean(dim=(0, 2, 3)), d.var(dim=(0, 2, 3), unbiased=True)))
             x = F.batch_norm(x, None, None, w, b, training=True, eps=BN_EPS)
-        x = F.max_pool2d(F.leaky_relu(x, LEAK), 2)
+        # max-pool before LeakyReLU: equal values and gradients (LeakyReLU is increasing, so it
+        # keeps each window's first maximum), with the activation on a quarter of the elements
+        x = F.leaky_relu(F.max_pool2d(x, 2), LEAK)
     logits = F.linear(x.flatten(1), adapted["linear.weight"], adapted["linear.bias"])
     return logits, stats
 

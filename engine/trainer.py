@@ -350,7 +350,7 @@ class Trainer:
         if not self.main:
             return
         raw = dict(self.run.read_config())
-        raw["runtime"] = {"device": str(self.device), "impl": self.learner.impl,
+        raw["runtime"] = {"device": str(self.device), **self.learner.paths.to_dict(),
                           "dtype": "float32", "torch": torch.__version__,
                           "world_size": self.world.size}
         atomic_write_json(self.run.config_path, raw)

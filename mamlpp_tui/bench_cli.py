@@ -78,7 +78,10 @@ def bench(
         [], "--preset", "-p",
         help="Preset to measure (repeat for several; `paper` = the six paper presets). "
              "Default: quickstart."),
-    impl: str = typer.Option("both", "--impl", help="loop, vmap or both."),
+    impl: str = typer.Option(
+        "all", "--impl",
+        help="auto (the engine's default path), plain (per-task loop, no task threads or "
+             "channels-last), loop, vmap; comma-separated, both (loop,vmap) or all."),
     device: str = typer.Option("auto", "--device", help="auto, cpu or cuda."),
     order: str = typer.Option("both", "--order", help="first, second or both."),
     iters: int = typer.Option(None, "--iters", min=1,
@@ -97,11 +100,11 @@ def bench(
 ) -> None:
     """Measure seconds per meta-iteration, validation speed, peak memory, FLOP/s and data
     waits on synthetic tasks shaped like each preset (no data set needed)."""
-    from engine.bench import BenchOptions, run_bench, write_report
+    from engine.bench import BenchOptions, parse_impls, run_bench, write_report
 
     options = BenchOptions(
         presets=list(preset) or ["quickstart"],
-        impls=_choices(impl, ("loop", "vmap"), "--impl"),
+        impls=parse_impls(impl),
         orders=_choices(order, ("first", "second"), "--order"),
         device=device, iters=iters, warmup=warmup, eval_tasks=eval_tasks, threads=threads,
         overrides=list(set_),

@@ -71,7 +71,10 @@ def test_two_processes_match_one_and_write_files_once(home):
                        env=dict(env, MAMLPP_HOME=str(home)))
     assert r.returncode == 0, r.stderr
     one = _run_id(r.stdout)
-    _close(final_tensors(home, two), final_tensors(home, one), 1e-5)
+    # 2-4e-5 measured: the ranks' gradient sums round differently and Adam's first steps
+    # (about lr * sign(g)) flip a few weights whose gradient is near zero; a lost or doubled
+    # rank contribution is off by O(1)
+    _close(final_tensors(home, two), final_tensors(home, one), 2e-4)
     ev = events(home, two)
     assert sum(e["type"] == "train" for e in ev) == 5
     assert sum(e["type"] == "val" for e in ev) == 1

@@ -1,0 +1,75 @@
+"""Which fast path the engine takes on a device: every `auto` of the [train] speed keys resolved.
+
+The choices come from measurements (benchmarks/results/, README "Speed"), not assumptions:
+
+- impl: the per-task loop on CPU; vmapped tasks on CUDA (one launch per op for the whole
+  meta-batch; on CPU vmap turns convs into grouped convs, slower and 2-7x the memory).
+- task_threads: on CPU, one thread per core, each running whole tasks with single-threaded ops
+  (few-shot ops are too small for intra-op threads to pay, see engine/task_threads.py); 1 on CUDA.
+- channels_last: on CPU for every pass that is differentiated at most once ("first_order":
+  evaluation, the query losses, first-order support passes): mini-ImageNet validation ran 1.5x
+  faster, while second-order support passes ran 1.3x slower (batch norm's double backward is
+  slow in that layout). Off on CUDA until measured there (benchmarks/run_gpu.sh measures it).
+- precision: float32 on CPU (bf16 autocast wrecked second-order gradients there); on CUDA "tf32"
+  (TF32 convs are torch's own default; this extends it to matmuls) until run_gpu.sh says more.
+"""
+
+from __future__ import annotations
+
+from contextlib import AbstractContextManager, nullcontext
+from dataclasses import asdict, dataclass
+
+import torch
+
+from engine.config import Config
+from engine.task_threads import auto_workers
+
+
+@dataclass(frozen=True)
+class FastPaths:
+    impl: str  # loop | vmap
+    task_threads: int
+    channels_last: str  # never | first_order | always
+    precision: str  # float32 | tf32 | bf16
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    def layout_for(self, second_order: bool) -> tuple[bool, bool]:
+        """(support, query) images channels-last for a pass of this derivative order."""
+        if self.channels_last == "always":
+            return True, True
+        if self.channels_last == "first_order":
+            return not second_order, True
+        return False, False
+
+    def autocast(self, device: torch.device) -> AbstractContextManager:
+        if self.precision == "bf16":
+            return torch.autocast(device.type, dtype=torch.bfloat16)
+        return nullcontext()
+
+    def apply_global(self, device: torch.device) -> None:
+        """TF32 is a process-wide torch switch; set it to what this run asked for."""
+        if device.type == "cuda":
+            tf32 = self.precision == "tf32"
+            torch.backends.cuda.matmul.allow_tf32 = tf32
+            torch.backends.cudnn.allow_tf32 = tf32
+
+
+def resolve_impl(impl: str, device: torch.device) -> str:
+    if impl != "auto":
+        return impl
+    return "vmap" if device.type == "cuda" else "loop"
+
+
+def fast_paths(config: Config, device: torch.device) -> FastPaths:
+    t = config.train
+    cpu = device.type == "cpu"
+    layout = t.channels_last if t.channels_last != "auto" else ("first_order" if cpu else "never")
+    precision = t.precision if t.precision != "auto" else ("float32" if cpu else "tf32")
+    return FastPaths(
+        impl=resolve_impl(t.impl, device),
+        task_threads=t.task_threads or auto_workers(device),
+        channels_last=layout,
+        precision=precision,
+    )

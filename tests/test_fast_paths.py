@@ -1,0 +1,132 @@
+"""The speed paths change how the numbers are computed, never what they are."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from engine.fast_paths import fast_paths
+from engine.learner import MetaLearner
+from engine.msl import msl_weights
+from tests.helpers import flat, grads, random_batch, small_config
+
+
+def _step(cfg, dtype=torch.float32, second=True, seed=3):
+    learner = MetaLearner(cfg, dtype=dtype)
+    w = msl_weights(1, cfg.train.inner_steps, cfg.maml_pp.msl_epochs)
+    result, loss = learner.meta_loss(random_batch(cfg, seed=seed), w, second)
+    evaluated = learner.evaluate(random_batch(cfg, seed=seed + 1, tasks=5), impl="loop")
+    return learner, result, loss, evaluated
+
+
+@pytest.fixture
+def one_intra_op_thread():
+    # reductions split over intra-op threads round differently, so compare at one op thread
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.mark.parametrize("second", [False, True])
+def test_task_threads_give_bit_identical_results(second, one_intra_op_thread):
+    # each task's gradient is taken on its own and added in task order, whichever thread ran it
+    out = {}
+    for threads in (1, 2, 3):
+        cfg = small_config("train.meta_batch=5", "train.impl=loop",
+                           f"train.task_threads={threads}")
+        out[threads] = _step(cfg, second=second)
+    one, *others = out.values()
+    for learner, result, loss, evaluated in others:
+        assert loss == one[2]
+        assert torch.equal(result.losses, one[1].losses)
+        assert torch.equal(flat(grads(learner)), flat(grads(one[0])))
+        for k, v in learner.meta.running.items():
+            assert torch.equal(v, one[0].meta.running[k]), k
+        assert torch.equal(evaluated.logits, one[3].logits)
+
+
+def test_vmapped_chunks_on_threads_match_one_chunk():
+    ref = _step(small_config("train.meta_batch=4", "train.impl=vmap", "train.task_threads=1"),
+                torch.float64)
+    got = _step(small_config("train.meta_batch=4", "train.impl=vmap", "train.task_threads=2"),
+                torch.float64)
+    torch.testing.assert_close(flat(grads(got[0])), flat(grads(ref[0])), rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(got[1].logits, ref[1].logits, rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("impl", ["loop", "vmap"])
+@pytest.mark.parametrize("layout", ["first_order", "always"])
+def test_channels_last_changes_layout_not_numbers(impl, layout):
+    a, ra, la, ea = _step(small_config(f"train.impl={impl}", "train.channels_last=never"),
+                          torch.float64)
+    b, rb, lb, eb = _step(small_config(f"train.impl={impl}", f"train.channels_last={layout}"),
+                          torch.float64)
+    assert la == pytest.approx(lb, rel=1e-12)
+    torch.testing.assert_close(flat(grads(b)), flat(grads(a)), rtol=1e-9, atol=1e-12)
+    torch.testing.assert_close(eb.logits, ea.logits, rtol=1e-9, atol=1e-12)
+
+
+def test_channels_last_batch_has_nhwc_strides():
+    batch = random_batch(small_config(), seed=1)
+    query_only = batch.channels_last(support=False)
+    assert query_only.x_support is batch.x_support
+    both = batch.channels_last()
+    assert torch.equal(both.x_support, batch.x_support)
+    assert torch.equal(both.x_query, batch.x_query)
+    for x in (both.x_support[0], query_only.x_query[0]):
+        assert x.is_contiguous(memory_format=torch.channels_last)
+        assert x.stride(1) == 1  # real NHWC strides even with one channel
+
+
+def test_bf16_autocast_runs_on_cpu_close_to_float32():
+    _, r32, l32, e32 = _step(small_config("train.precision=float32"), second=False)
+    learner, r16, l16, e16 = _step(small_config("train.precision=bf16"), second=False)
+    assert learner.paths.precision == "bf16"
+    assert l16 == pytest.approx(l32, rel=0.1)
+    assert torch.isfinite(flat(grads(learner))).all()
+    assert (e16.logits.float() - e32.logits).abs().max() < 0.1 * e32.logits.abs().max()
+
+
+def test_auto_resolves_per_device():
+    cfg = small_config()
+    cpu = fast_paths(cfg, torch.device("cpu"))
+    assert (cpu.impl, cpu.task_threads, cpu.precision) == ("loop", torch.get_num_threads(),
+                                                           "float32")
+    assert cpu.channels_last == "first_order"
+    assert cpu.layout_for(second_order=True) == (False, True)
+    assert cpu.layout_for(second_order=False) == (True, True)
+    cuda = fast_paths(cfg, torch.device("cuda"))
+    assert (cuda.impl, cuda.task_threads, cuda.precision) == ("vmap", 1, "tf32")
+    assert cuda.layout_for(second_order=False) == (False, False)
+    cfg.train.task_threads, cfg.train.channels_last, cfg.train.impl = 3, "always", "vmap"
+    cpu = fast_paths(cfg, torch.device("cpu"))
+    assert (cpu.impl, cpu.task_threads, cpu.layout_for(True)) == ("vmap", 3, (True, True))
+
+
+_FAULTS = """
+import resource, sys, torch
+from engine.allocator import retain_freed_memory
+if sys.argv[1] == "retain":
+    assert retain_freed_memory()
+before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+for i in range(100):  # 64 MB and ~32 MB blocks, freed at once
+    x = torch.empty(2**24).fill_(1)
+    y = torch.empty(2**23 + i * 1000).fill_(2)
+    del x, y
+rss = int(open("/proc/self/statm").read().split()[1]) * 4096
+assert rss < 2**30, rss  # a cache, not a leak
+print(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
+"""
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc malloc only")
+def test_retained_memory_is_reused_without_page_faults():
+    faults = {mode: int(subprocess.run([sys.executable, "-c", _FAULTS, mode], check=True,
+                                       capture_output=True, text=True).stdout.split()[-1])
+              for mode in ("default", "retain")}
+    assert faults["retain"] < faults["default"] / 3
+
