@@ -36,10 +36,15 @@ from engine.bench import (  # noqa: E402
 
 
 def merge(base: dict, new: dict) -> dict:
-    """`base` with `new`'s (preset, impl) results in place of its own, rows and targets redone."""
+    """`base` with `new`'s (preset, impl) phases in place of its own (a rerun of validation only
+    keeps the training phases), rows and targets redone."""
+    old = {(r["preset"], r["impl"]): r for r in base["results"]}
     fresh = {(r["preset"], r["impl"]): r for r in new["results"]}
-    for r in fresh.values():
+    for key, r in fresh.items():
         r["rerun_created"] = new["created"]
+        if key in old:
+            r["train"] = {**old[key]["train"], **r["train"]}
+            r["eval"] = r["eval"] if r.get("eval") is not None else old[key].get("eval")
     kept = [r for r in base["results"] if (r["preset"], r["impl"]) not in fresh]
     order = {(r["preset"], r["impl"]): i for i, r in enumerate(base["results"])}
     base["results"] = sorted(kept + list(fresh.values()),
@@ -61,7 +66,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--preset", action="append", help="preset (repeat); default: the six")
     ap.add_argument("--impl", default="all",
                     help="auto, plain, loop, vmap (comma-separated), both or all")
-    ap.add_argument("--order", choices=("first", "second", "both"), default="both")
+    ap.add_argument("--order", choices=("first", "second", "both", "none"), default="both",
+                    help="none: validation only")
     ap.add_argument("--iters", type=int, default=None,
                     help="timed iterations per phase (default 3 for mini-ImageNet, 5 otherwise)")
     ap.add_argument("--warmup", type=int, default=1)
@@ -85,8 +91,9 @@ def main(argv: list[str] | None = None) -> int:
     cap = int(args.memory_cap_gib * GIB) if args.memory_cap_gib else min(14 * GIB, int(0.8 * free))
     options = BenchOptions(
         presets=args.preset or list(PAPER_PRESETS), impls=parse_impls(args.impl),
-        orders=both(args.order, ("first", "second")), device="cpu", iters=args.iters,
-        warmup=args.warmup, eval_tasks=args.eval_tasks, threads=args.threads,
+        orders=[] if args.order == "none" else both(args.order, ("first", "second")),
+        device="cpu", iters=args.iters, warmup=args.warmup, eval_tasks=args.eval_tasks,
+        threads=args.threads,
         job_timeout=args.job_timeout, memory_cap_bytes=cap)
     say = lambda msg: print(msg, file=sys.stderr, flush=True)  # noqa: E731
     report = run_bench(options, progress=say)

@@ -38,7 +38,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -297,10 +297,21 @@ def _config(job: dict):
     return resolve(job["preset"], overrides=[*job.get("overrides", []), *IMPLS[job["impl"]]])
 
 
+@contextlib.contextmanager
+def _one_task_thread(learner):
+    """The FLOP counter is a dispatch mode, which is per thread: count on the calling one."""
+    paths = learner.paths
+    learner.paths = replace(paths, task_threads=1)
+    try:
+        yield
+    finally:
+        learner.paths = paths
+
+
 def count_step_flops(learner, batch, weights: list[float], second_order: bool) -> int:
     """FLOPs of one meta-update (meta_loss + outer_step); performs the update."""
     counter = FlopCounterMode(display=False)
-    with counter:
+    with _one_task_thread(learner), counter:
         _, loss = learner.meta_loss(batch, weights, second_order)
         _outer(learner, loss)
     return int(counter.get_total_flops())
@@ -408,7 +419,7 @@ def _eval_phase(job: dict, cfg, dataset, device) -> dict[str, Any]:
 
 
 def _eval_tasks(job: dict, cfg, dataset, device, n: int) -> dict[str, Any]:
-    impl = job["impl"]
+    impl = {"auto": None, "plain": "loop"}.get(job["impl"], job["impl"])  # None: evaluate's own
     chunk = cfg.train.chunk_size
     d = cfg.data
     sampler = TaskSampler(dataset, "val", d.ways, d.shots, d.queries, cfg.train.seed,
@@ -432,7 +443,8 @@ def _eval_tasks(job: dict, cfg, dataset, device, n: int) -> dict[str, Any]:
         adapt.append(a_total)
         assemble.append(s_total)
     a, s = statistics.median(adapt), statistics.median(assemble)
-    out = {"impl": impl, "tasks": n, "chunk_size": chunk, "batch": EVAL_BATCH,
+    out = {"impl": job["impl"], "evaluate_impl": impl or learner.impl, "tasks": n,
+           "chunk_size": chunk, "batch": EVAL_BATCH,
            "inner_steps": cfg.train.eval_inner_steps, "repeats": len(adapt),
            "adapt_seconds": a, "assembly_seconds": s, "s_per_task": (a + s) / n,
            "adapt_s_per_task": a / n, "tasks_per_s": n / (a + s)}
@@ -445,7 +457,7 @@ def _eval_tasks(job: dict, cfg, dataset, device, n: int) -> dict[str, Any]:
 def eval_flops_per_task(learner, sampler, device) -> int:
     """FLOPs of adapting to one validation task and predicting its queries (loop impl)."""
     counter = FlopCounterMode(display=False)
-    with counter:
+    with _one_task_thread(learner), counter:
         learner.evaluate(sampler.batch(0, 1).to(device), impl="loop")
     return int(counter.get_total_flops())
 

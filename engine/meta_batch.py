@@ -70,9 +70,11 @@ def meta_batch(
     evenly over the workers) may run on `workers` threads at once; each part's gradient is
     taken on its own and they are added to `.grad` in task order, so the result does not depend
     on how many threads ran or which finished first (at a fixed intra-op thread count)."""
+    if impl not in ("loop", "vmap"):
+        raise ValueError(f"meta_batch impl must be loop or vmap, not {impl!r}")
     size = batch.size
     denominator = denominator or size
-    vmapped = impl != "loop"
+    vmapped = impl == "vmap"
     step = 1 if not vmapped else (chunk or -(-size // max(1, min(workers, size))))
     params = learnable(meta) if weights is not None else []
     grad_enabled = torch.is_grad_enabled()

@@ -98,3 +98,17 @@ def test_bench_cli_user_error():
     result = CliRunner().invoke(app, ["bench", "--order", "third"])
     assert isinstance(result.exception, UserError)
     assert "--order must be first, second or both" in str(result.exception)
+
+
+def test_bench_implementation_names():
+    from engine.bench import IMPLS, parse_impls
+
+    assert parse_impls("all") == list(IMPLS) == ["auto", "plain", "loop", "vmap"]
+    assert parse_impls("both") == ["loop", "vmap"]
+    assert parse_impls("auto, plain,auto") == ["auto", "plain"]
+    for bad in ("fast", "", "auto,"):
+        with pytest.raises(UserError, match="--impl takes"):
+            parse_impls(bad)
+    # plain is the per-task loop with none of the speed paths
+    assert IMPLS["plain"] == ["train.impl=loop", "train.task_threads=1",
+                              "train.channels_last=never"]
