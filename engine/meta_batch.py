@@ -8,7 +8,7 @@ path); vmap runs `chunk` tasks at once (convs become grouped convs over tasks).
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 from torch.func import vmap
@@ -41,7 +41,8 @@ def _run(meta: MetaParams, batch: TaskBatch, plan: InnerPlan, weights: torch.Ten
     data = (batch.x_support, batch.y_support, batch.x_query, batch.y_query)
     if vmapped:
         return vmap(lambda *d: inner_loop(*args, *d, plan, weights))(*data)
-    return inner_loop(*args, *(d[0] for d in data), plan, weights)
+    # one task at a time: plain autograd, 10-20% faster on CPU than torch.func's wrapped ops
+    return inner_loop(*args, *(d[0] for d in data), replace(plan, functional=False), weights)
 
 
 def _unbatch(stats: list[BatchStats], b: int) -> list[BatchStats]:
