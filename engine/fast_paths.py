@@ -6,6 +6,10 @@ The choices come from measurements (benchmarks/results/, README "Speed"), not as
   meta-batch; on CPU vmap turns convs into grouped convs, slower and 2-7x the memory).
 - task_threads: on CPU, one thread per core, each running whole tasks with single-threaded ops
   (few-shot ops are too small for intra-op threads to pay, see engine/task_threads.py); 1 on CUDA.
+  Second-order training holds one task's whole graph per thread, so there auto keeps the
+  threads' estimated graphs under SECOND_ORDER_BUDGET: miniimagenet-5w5s ran 3% faster on two
+  threads than on one but peaked 1.5 GiB higher (4.56 vs 3.09 GiB), so it runs one task at a
+  time; the Omniglot presets keep a thread per core.
 - channels_last: on CPU for every pass that is differentiated at most once ("first_order":
   evaluation, the query losses, first-order support passes): mini-ImageNet validation ran 1.5x
   faster, while second-order support passes ran 1.3x slower (batch norm's double backward is
@@ -24,11 +28,26 @@ import torch
 from engine.config import Config
 from engine.task_threads import auto_workers
 
+# Bytes of second-order graphs that auto task threads may hold at once, and the size of one,
+# estimated from the first stage's activations: about 7 saved tensors of [support images,
+# filters, H, W] float32 per inner step (measured: 1.47 GiB per miniimagenet-5w5s task,
+# whose first stage is 25 x 48 x 84 x 84).
+SECOND_ORDER_BUDGET = 2 << 30
+_SAVED_PER_STEP = 7
+
+
+def second_order_task_bytes(config: Config) -> int:
+    _, size, _ = config.image_shape
+    d, t = config.data, config.train
+    return (d.ways * d.shots * config.model.filters * size * size * 4 * _SAVED_PER_STEP
+            * t.inner_steps)
+
 
 @dataclass(frozen=True)
 class FastPaths:
     impl: str  # loop | vmap
     task_threads: int
+    task_threads_second_order: int
     channels_last: str  # never | first_order | always
     precision: str  # float32 | tf32 | bf16
 
@@ -67,9 +86,13 @@ def fast_paths(config: Config, device: torch.device) -> FastPaths:
     cpu = device.type == "cpu"
     layout = t.channels_last if t.channels_last != "auto" else ("first_order" if cpu else "never")
     precision = t.precision if t.precision != "auto" else ("float32" if cpu else "tf32")
+    threads = t.task_threads or auto_workers(device)
+    second = t.task_threads or max(1, min(threads, SECOND_ORDER_BUDGET
+                                          // max(1, second_order_task_bytes(config))))
     return FastPaths(
         impl=resolve_impl(t.impl, device),
-        task_threads=t.task_threads or auto_workers(device),
+        task_threads=threads,
+        task_threads_second_order=second,
         channels_last=layout,
         precision=precision,
     )

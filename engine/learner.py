@@ -136,7 +136,8 @@ class MetaLearner:
         with self.paths.autocast(self.device):
             result = meta_batch(self.meta, batch, plan, w, self.impl,
                                 self.config.train.chunk_size, denominator=total,
-                                workers=self.paths.task_threads)
+                                workers=(self.paths.task_threads_second_order if second_order
+                                         else self.paths.task_threads))
         result.accuracy = (result.logits.argmax(-1) == batch.y_query).to(self.dtype).mean(-1)
         if self.world.active:
             self._gather(result)

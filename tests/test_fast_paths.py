@@ -8,7 +8,8 @@ import sys
 import pytest
 import torch
 
-from engine.fast_paths import fast_paths
+from engine.config import resolve
+from engine.fast_paths import SECOND_ORDER_BUDGET, fast_paths, second_order_task_bytes
 from engine.learner import MetaLearner
 from engine.msl import msl_weights
 from tests.helpers import flat, grads, random_batch, small_config
@@ -102,6 +103,13 @@ def test_auto_resolves_per_device():
     cuda = fast_paths(cfg, torch.device("cuda"))
     assert (cuda.impl, cuda.task_threads, cuda.precision) == ("vmap", 1, "tf32")
     assert cuda.layout_for(second_order=False) == (False, False)
+    assert cpu.task_threads_second_order == cpu.task_threads  # tiny graphs: a thread per core
+    mini = resolve("miniimagenet-5w5s")
+    big = fast_paths(mini, torch.device("cpu"))
+    assert second_order_task_bytes(mini) * 2 > SECOND_ORDER_BUDGET  # two would not fit
+    assert big.task_threads_second_order == 1 and big.task_threads == torch.get_num_threads()
+    mini.train.task_threads = 2  # an explicit count is used for both
+    assert fast_paths(mini, torch.device("cpu")).task_threads_second_order == 2
     cfg.train.task_threads, cfg.train.channels_last, cfg.train.impl = 3, "always", "vmap"
     cpu = fast_paths(cfg, torch.device("cpu"))
     assert (cpu.impl, cpu.task_threads, cpu.layout_for(True)) == ("vmap", 3, (True, True))
