@@ -301,7 +301,7 @@ def _config(job: dict):
 def _one_task_thread(learner):
     """The FLOP counter is a dispatch mode, which is per thread: count on the calling one."""
     paths = learner.paths
-    learner.paths = replace(paths, task_threads=1)
+    learner.paths = replace(paths, task_threads=1, task_threads_second_order=1)
     try:
         yield
     finally:

@@ -23,7 +23,7 @@ class ConfigError(UserError):
 
 
 DATASETS = ("omniglot", "miniimagenet", "quickstart")
-CHANNELS_LAST = ("auto", "never", "first_order", "always")  # passes run channels-last
+CHANNELS_LAST = ("auto", "never", "first_order", "always")  # steps run channels-last
 PRECISIONS = ("auto", "float32", "tf32", "bf16")
 # (channels, height/width) of the images each dataset feeds the network.
 IMAGE_SHAPES = {"omniglot": (1, 28), "quickstart": (1, 28), "miniimagenet": (3, 84)}

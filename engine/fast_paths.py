@@ -10,10 +10,11 @@ The choices come from measurements (benchmarks/results/, README "Speed"), not as
   threads' estimated graphs under SECOND_ORDER_BUDGET: miniimagenet-5w5s ran 3% faster on two
   threads than on one but peaked 1.5 GiB higher (4.56 vs 3.09 GiB), so it runs one task at a
   time; the Omniglot presets keep a thread per core.
-- channels_last: on CPU for every pass that is differentiated at most once ("first_order":
-  evaluation, the query losses, first-order support passes): mini-ImageNet validation ran 1.5x
-  faster, while second-order support passes ran 1.3x slower (batch norm's double backward is
-  slow in that layout). Off on CUDA until measured there (benchmarks/run_gpu.sh measures it).
+- channels_last: on CPU for first-order steps (evaluation, first-order training): measured
+  1.4-1.7x faster there (torch's NCHW max-pool is 5-10x slower than its channels-last one on
+  this CPU). Second-order steps stay NCHW, support and query passes alike: batch norm's double
+  backward is slow channels-last, and a channels-last query pass next to NCHW support passes
+  made miniimagenet-5w5s 10% slower. Off on CUDA until measured there (run_gpu.sh does).
 - precision: float32 on CPU (bf16 autocast wrecked second-order gradients there); on CUDA "tf32"
   (TF32 convs are torch's own default; this extends it to matmuls) until run_gpu.sh says more.
 """
@@ -54,13 +55,10 @@ class FastPaths:
     def to_dict(self) -> dict:
         return asdict(self)
 
-    def layout_for(self, second_order: bool) -> tuple[bool, bool]:
-        """(support, query) images channels-last for a pass of this derivative order."""
-        if self.channels_last == "always":
-            return True, True
-        if self.channels_last == "first_order":
-            return not second_order, True
-        return False, False
+    def layout_for(self, second_order: bool) -> bool:
+        """Whether a step of this derivative order lays its images out channels-last."""
+        return self.channels_last == "always" or (self.channels_last == "first_order"
+                                                  and not second_order)
 
     def autocast(self, device: torch.device) -> AbstractContextManager:
         if self.precision == "bf16":

@@ -151,8 +151,7 @@ class MetaLearner:
 
     def _place(self, batch: TaskBatch, second_order: bool) -> TaskBatch:
         batch = batch.to(self.device, self.dtype)
-        support, query = self.paths.layout_for(second_order)
-        return batch.channels_last(support) if query else batch
+        return batch.channels_last() if self.paths.layout_for(second_order) else batch
 
     def _gather(self, result: BatchResult) -> None:
         """Sum meta-gradients over ranks; gather per-task results in global task order."""

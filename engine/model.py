@@ -18,6 +18,7 @@ import torch
 import torch.nn.functional as F
 
 from engine.config import Config
+from engine.max_pool import max_pool2x2
 
 BN_EPS = 1e-5
 BN_MOMENTUM = 0.1
@@ -137,7 +138,7 @@ def forward(
             x = F.batch_norm(x, None, None, w, b, training=True, eps=BN_EPS)
         # max-pool before LeakyReLU: equal values and gradients (LeakyReLU is increasing, so it
         # keeps each window's first maximum), with the activation on a quarter of the elements
-        x = F.leaky_relu(F.max_pool2d(x, 2), LEAK)
+        x = F.leaky_relu(max_pool2x2(x), LEAK)
     logits = F.linear(x.flatten(1), adapted["linear.weight"], adapted["linear.bias"])
     return logits, stats
 
