@@ -12,9 +12,10 @@ The choices come from measurements (benchmarks/results/, README "Speed"), not as
   time; the Omniglot presets keep a thread per core.
 - channels_last: on CPU for first-order steps (evaluation, first-order training): measured
   1.4-1.7x faster there (torch's NCHW max-pool is 5-10x slower than its channels-last one on
-  this CPU). Second-order steps stay NCHW, support and query passes alike: batch norm's double
-  backward is slow channels-last, and a channels-last query pass next to NCHW support passes
-  made miniimagenet-5w5s 10% slower. Off on CUDA until measured there (run_gpu.sh does).
+  this CPU). Second-order support passes stay NCHW (batch norm's double backward is slow
+  channels-last); their query passes go channels-last for small images only: that made
+  omniglot-5w1s 11% faster and miniimagenet-5w5s 10% slower (interleaved A/B, 12 and 3 rounds).
+  Off on CUDA until measured there (run_gpu.sh does).
 - precision: float32 on CPU (bf16 autocast wrecked second-order gradients there); on CUDA "tf32"
   (TF32 convs are torch's own default; this extends it to matmuls) until run_gpu.sh says more.
 """
@@ -34,6 +35,7 @@ from engine.task_threads import auto_workers
 # filters, H, W] float32 per inner step (measured: 1.47 GiB per miniimagenet-5w5s task,
 # whose first stage is 25 x 48 x 84 x 84).
 SECOND_ORDER_BUDGET = 2 << 30
+SMALL_IMAGE = 32  # pixels a side: second-order query passes channels-last up to this size
 _SAVED_PER_STEP = 7
 
 
@@ -50,15 +52,19 @@ class FastPaths:
     task_threads: int
     task_threads_second_order: int
     channels_last: str  # never | first_order | always
+    query_channels_last_second_order: bool  # auto on CPU, small images
     precision: str  # float32 | tf32 | bf16
 
     def to_dict(self) -> dict:
         return asdict(self)
 
-    def layout_for(self, second_order: bool) -> bool:
-        """Whether a step of this derivative order lays its images out channels-last."""
-        return self.channels_last == "always" or (self.channels_last == "first_order"
-                                                  and not second_order)
+    def layout_for(self, second_order: bool) -> tuple[bool, bool]:
+        """Whether a step of this derivative order lays its (support, query) images out
+        channels-last."""
+        if self.channels_last == "always" or (self.channels_last == "first_order"
+                                              and not second_order):
+            return True, True
+        return False, self.query_channels_last_second_order and second_order
 
     def autocast(self, device: torch.device) -> AbstractContextManager:
         if self.precision == "bf16":
@@ -92,5 +98,7 @@ def fast_paths(config: Config, device: torch.device) -> FastPaths:
         task_threads=threads,
         task_threads_second_order=second,
         channels_last=layout,
+        query_channels_last_second_order=(t.channels_last == "auto" and cpu
+                                          and config.image_shape[1] <= SMALL_IMAGE),
         precision=precision,
     )

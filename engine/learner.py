@@ -151,7 +151,8 @@ class MetaLearner:
 
     def _place(self, batch: TaskBatch, second_order: bool) -> TaskBatch:
         batch = batch.to(self.device, self.dtype)
-        return batch.channels_last() if self.paths.layout_for(second_order) else batch
+        support, query = self.paths.layout_for(second_order)
+        return batch.channels_last(support) if query else batch
 
     def _gather(self, result: BatchResult) -> None:
         """Sum meta-gradients over ranks; gather per-task results in global task order."""

@@ -73,6 +73,9 @@ def test_channels_last_changes_layout_not_numbers(impl, layout):
 
 def test_channels_last_batch_has_nhwc_strides():
     batch = random_batch(small_config(), seed=1)
+    query_only = batch.channels_last(support=False)
+    assert query_only.x_support is batch.x_support
+    assert query_only.x_query[0].is_contiguous(memory_format=torch.channels_last)
     both = batch.channels_last()
     assert torch.equal(both.x_support, batch.x_support)
     assert torch.equal(both.x_query, batch.x_query)
@@ -96,20 +99,23 @@ def test_auto_resolves_per_device():
     assert (cpu.impl, cpu.task_threads, cpu.precision) == ("loop", torch.get_num_threads(),
                                                            "float32")
     assert cpu.channels_last == "first_order"
-    assert not cpu.layout_for(second_order=True) and cpu.layout_for(second_order=False)
+    # small images: second-order steps put only the query channels-last
+    assert cpu.layout_for(second_order=True) == (False, True)
+    assert cpu.layout_for(second_order=False) == (True, True)
     cuda = fast_paths(cfg, torch.device("cuda"))
     assert (cuda.impl, cuda.task_threads, cuda.precision) == ("vmap", 1, "tf32")
-    assert not cuda.layout_for(second_order=False)
+    assert cuda.layout_for(second_order=False) == (False, False)
     assert cpu.task_threads_second_order == cpu.task_threads  # tiny graphs: a thread per core
     mini = resolve("miniimagenet-5w5s")
     big = fast_paths(mini, torch.device("cpu"))
     assert second_order_task_bytes(mini) * 2 > SECOND_ORDER_BUDGET  # two would not fit
     assert big.task_threads_second_order == 1 and big.task_threads == torch.get_num_threads()
+    assert big.layout_for(second_order=True) == (False, False)  # 84 px: all NCHW
     mini.train.task_threads = 2  # an explicit count is used for both
     assert fast_paths(mini, torch.device("cpu")).task_threads_second_order == 2
     cfg.train.task_threads, cfg.train.channels_last, cfg.train.impl = 3, "always", "vmap"
     cpu = fast_paths(cfg, torch.device("cpu"))
-    assert (cpu.impl, cpu.task_threads, cpu.layout_for(True)) == ("vmap", 3, True)
+    assert (cpu.impl, cpu.task_threads, cpu.layout_for(True)) == ("vmap", 3, (True, True))
 
 
 _FAULTS = """
