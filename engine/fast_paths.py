@@ -6,10 +6,11 @@ The choices come from measurements (benchmarks/results/, README "Speed"), not as
   meta-batch; on CPU vmap turns convs into grouped convs, slower and 2-7x the memory).
 - task_threads: on CPU, one thread per core, each running whole tasks with single-threaded ops
   (few-shot ops are too small for intra-op threads to pay, see engine/task_threads.py); 1 on CUDA.
-  Second-order training holds one task's whole graph per thread, so there auto keeps the
-  threads' estimated graphs under SECOND_ORDER_BUDGET: miniimagenet-5w5s ran 3% faster on two
-  threads than on one but peaked 1.5 GiB higher (4.56 vs 3.09 GiB), so it runs one task at a
-  time; the Omniglot presets keep a thread per core.
+  Second-order training holds one task's whole graph per thread, so there auto uses several
+  threads only for small images (<= SMALL_IMAGE px) and while their estimated graphs fit
+  SECOND_ORDER_BUDGET. Measured interleaved: miniimagenet-5w1s 7.42 vs 7.40 s and 5w5s 8.69 vs
+  8.47 s on one vs two threads, at 1.5-1.8 GiB more; omniglot-20w5s 12.8 vs 12.9 s at 1.6 GiB
+  more; omniglot-5w5s and 20w1s 1.4-1.6x faster on two.
 - channels_last: on CPU for first-order steps (evaluation, first-order training): measured
   1.4-1.7x faster there (torch's NCHW max-pool is 5-10x slower than its channels-last one on
   this CPU). Second-order support passes stay NCHW (batch norm's double backward is slow
@@ -31,12 +32,12 @@ from engine.config import Config
 from engine.task_threads import auto_workers
 
 # Bytes of second-order graphs that auto task threads may hold at once, and the size of one,
-# estimated from the first stage's activations: about 7 saved tensors of [support images,
-# filters, H, W] float32 per inner step (measured: 1.47 GiB per miniimagenet-5w5s task,
-# whose first stage is 25 x 48 x 84 x 84).
+# estimated from the first stage's activations: about 12 tensors of [support images, filters,
+# H, W] float32 per inner step (measured per task: 1.47 GiB for miniimagenet-5w5s, 25 x 48 x
+# 84 x 84, and 1.59 GiB for omniglot-20w5s, 100 x 64 x 28 x 28).
 SECOND_ORDER_BUDGET = 2 << 30
 SMALL_IMAGE = 32  # pixels a side: second-order query passes channels-last up to this size
-_SAVED_PER_STEP = 7
+_SAVED_PER_STEP = 12
 
 
 def second_order_task_bytes(config: Config) -> int:
@@ -91,8 +92,9 @@ def fast_paths(config: Config, device: torch.device) -> FastPaths:
     layout = t.channels_last if t.channels_last != "auto" else ("first_order" if cpu else "never")
     precision = t.precision if t.precision != "auto" else ("float32" if cpu else "tf32")
     threads = t.task_threads or auto_workers(device)
-    second = t.task_threads or max(1, min(threads, SECOND_ORDER_BUDGET
-                                          // max(1, second_order_task_bytes(config))))
+    fits = SECOND_ORDER_BUDGET // max(1, second_order_task_bytes(config))
+    small = config.image_shape[1] <= SMALL_IMAGE
+    second = t.task_threads or (max(1, min(threads, fits)) if small else 1)
     return FastPaths(
         impl=resolve_impl(t.impl, device),
         task_threads=threads,

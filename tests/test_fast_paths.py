@@ -93,7 +93,15 @@ def test_bf16_autocast_runs_on_cpu_close_to_float32():
     assert (e16.logits.float() - e32.logits).abs().max() < 0.1 * e32.logits.abs().max()
 
 
-def test_auto_resolves_per_device():
+@pytest.fixture
+def four_torch_threads():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(4)
+    yield
+    torch.set_num_threads(threads)
+
+
+def test_auto_resolves_per_device(four_torch_threads):
     cfg = small_config()
     cpu = fast_paths(cfg, torch.device("cpu"))
     assert (cpu.impl, cpu.task_threads, cpu.precision) == ("loop", torch.get_num_threads(),
@@ -111,6 +119,9 @@ def test_auto_resolves_per_device():
     assert second_order_task_bytes(mini) * 2 > SECOND_ORDER_BUDGET  # two would not fit
     assert big.task_threads_second_order == 1 and big.task_threads == torch.get_num_threads()
     assert big.layout_for(second_order=True) == (False, False)  # 84 px: all NCHW
+    big_omniglot = resolve("omniglot-20w5s")  # 1.2 GB estimated per task: one fits
+    assert fast_paths(big_omniglot, torch.device("cpu")).task_threads_second_order == 1
+    assert fast_paths(resolve("omniglot-20w1s"), torch.device("cpu")).task_threads_second_order == 4
     mini.train.task_threads = 2  # an explicit count is used for both
     assert fast_paths(mini, torch.device("cpu")).task_threads_second_order == 2
     cfg.train.task_threads, cfg.train.channels_last, cfg.train.impl = 3, "always", "vmap"
