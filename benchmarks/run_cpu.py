@@ -74,6 +74,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--eval-tasks", type=int, default=50)
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--no-thread-sweep", action="store_true")
+    ap.add_argument("--paired-rounds", type=int, default=3,
+                    help="rounds of auto and plain alternating in one process (with both)")
+    ap.add_argument("--paired-only", action="store_true",
+                    help="only the alternating auto-vs-plain comparison")
     ap.add_argument("--job-timeout", type=float, default=1800.0, help="seconds per phase")
     ap.add_argument("--memory-cap-gib", type=float, default=None,
                     help="per-process allocation cap (default: 14 or 80%% of free RAM)")
@@ -93,7 +97,7 @@ def main(argv: list[str] | None = None) -> int:
         presets=args.preset or list(PAPER_PRESETS), impls=parse_impls(args.impl),
         orders=[] if args.order == "none" else both(args.order, ("first", "second")),
         device="cpu", iters=args.iters, warmup=args.warmup, eval_tasks=args.eval_tasks,
-        threads=args.threads,
+        threads=args.threads, paired_rounds=args.paired_rounds, paired_only=args.paired_only,
         job_timeout=args.job_timeout, memory_cap_bytes=cap)
     say = lambda msg: print(msg, file=sys.stderr, flush=True)  # noqa: E731
     report = run_bench(options, progress=say)

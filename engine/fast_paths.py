@@ -14,8 +14,9 @@ The choices come from measurements (benchmarks/results/, README "Speed"), not as
 - channels_last: on CPU for first-order steps (evaluation, first-order training): measured
   1.4-1.7x faster there (torch's NCHW max-pool is 5-10x slower than its channels-last one on
   this CPU). Second-order support passes stay NCHW (batch norm's double backward is slow
-  channels-last); their query passes go channels-last for small images only: that made
-  omniglot-5w1s 11% faster and miniimagenet-5w5s 10% slower (interleaved A/B, 12 and 3 rounds).
+  channels-last); their query passes go channels-last only for small images on several task
+  threads: that made omniglot-5w1s 11% faster (12 rounds interleaved), while with one task at
+  a time it made miniimagenet-5w5s 10% slower and omniglot-20w5s -8% to +5% (3 rounds each).
   Off on CUDA until measured there (run_gpu.sh does).
 - precision: float32 on CPU (bf16 autocast wrecked second-order gradients there); on CUDA "tf32"
   (TF32 convs are torch's own default; this extends it to matmuls) until run_gpu.sh says more.
@@ -36,7 +37,7 @@ from engine.task_threads import auto_workers
 # H, W] float32 per inner step (measured per task: 1.47 GiB for miniimagenet-5w5s, 25 x 48 x
 # 84 x 84, and 1.59 GiB for omniglot-20w5s, 100 x 64 x 28 x 28).
 SECOND_ORDER_BUDGET = 2 << 30
-SMALL_IMAGE = 32  # pixels a side: second-order query passes channels-last up to this size
+SMALL_IMAGE = 32  # pixels a side up to which second-order steps use task threads
 _SAVED_PER_STEP = 12
 
 
@@ -91,16 +92,19 @@ def fast_paths(config: Config, device: torch.device) -> FastPaths:
     cpu = device.type == "cpu"
     layout = t.channels_last if t.channels_last != "auto" else ("first_order" if cpu else "never")
     precision = t.precision if t.precision != "auto" else ("float32" if cpu else "tf32")
-    threads = t.task_threads or auto_workers(device)
     fits = SECOND_ORDER_BUDGET // max(1, second_order_task_bytes(config))
     small = config.image_shape[1] <= SMALL_IMAGE
-    second = t.task_threads or (max(1, min(threads, fits)) if small else 1)
+    auto_second = max(1, min(auto_workers(device), fits)) if small else 1
+    threads = t.task_threads or auto_workers(device)
+    second = t.task_threads or auto_second
     return FastPaths(
         impl=resolve_impl(t.impl, device),
         task_threads=threads,
         task_threads_second_order=second,
         channels_last=layout,
+        # decided by the auto thread count, not an explicit one, so that results never
+        # depend on train.task_threads
         query_channels_last_second_order=(t.channels_last == "auto" and cpu
-                                          and config.image_shape[1] <= SMALL_IMAGE),
+                                          and auto_second > 1),
         precision=precision,
     )

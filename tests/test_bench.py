@@ -112,3 +112,16 @@ def test_bench_implementation_names():
     # plain is the per-task loop with none of the speed paths
     assert IMPLS["plain"] == ["train.impl=loop", "train.task_threads=1",
                               "train.channels_last=never"]
+
+
+def test_bench_pairs_auto_and_plain_in_one_process():
+    report = run_bench(BenchOptions(presets=["quickstart"], impls=["auto", "plain"],
+                                    orders=["second"], overrides=TINY, isolate=False,
+                                    paired_rounds=2, paired_only=True, matmul_n=256))
+    assert report["results"] == []  # paired_only: no per-implementation phases
+    pair = report["paired"]["quickstart"]["second"]
+    assert set(pair["seconds"]) == {"auto", "plain"}
+    assert all(len(v) == 2 and all(_positive(x) for x in v) for v in pair["seconds"].values())
+    check = report["targets"]["default_vs_plain"]["quickstart"]["second"]
+    assert check["value"] == pytest.approx(pair["s_per_iter"]["plain"] / pair["s_per_iter"]["auto"])
+    assert check["met"] == (pair["s_per_iter"]["auto"] <= pair["s_per_iter"]["plain"])

@@ -119,8 +119,9 @@ def test_auto_resolves_per_device(four_torch_threads):
     assert second_order_task_bytes(mini) * 2 > SECOND_ORDER_BUDGET  # two would not fit
     assert big.task_threads_second_order == 1 and big.task_threads == torch.get_num_threads()
     assert big.layout_for(second_order=True) == (False, False)  # 84 px: all NCHW
-    big_omniglot = resolve("omniglot-20w5s")  # 1.2 GB estimated per task: one fits
-    assert fast_paths(big_omniglot, torch.device("cpu")).task_threads_second_order == 1
+    big_omniglot = fast_paths(resolve("omniglot-20w5s"), torch.device("cpu"))
+    assert big_omniglot.task_threads_second_order == 1  # 1.2 GB estimated per task: one fits
+    assert big_omniglot.layout_for(second_order=True) == (False, False)  # one task: all NCHW
     assert fast_paths(resolve("omniglot-20w1s"), torch.device("cpu")).task_threads_second_order == 4
     mini.train.task_threads = 2  # an explicit count is used for both
     assert fast_paths(mini, torch.device("cpu")).task_threads_second_order == 2
