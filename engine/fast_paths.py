@@ -94,8 +94,9 @@ def fast_paths(config: Config, device: torch.device) -> FastPaths:
     precision = t.precision if t.precision != "auto" else ("float32" if cpu else "tf32")
     fits = SECOND_ORDER_BUDGET // max(1, second_order_task_bytes(config))
     small = config.image_shape[1] <= SMALL_IMAGE
-    auto_second = max(1, min(auto_workers(device), fits)) if small else 1
-    threads = t.task_threads or auto_workers(device)
+    workers = auto_workers(device)
+    auto_second = max(1, min(workers, fits)) if small else 1
+    threads = t.task_threads or workers
     second = t.task_threads or auto_second
     return FastPaths(
         impl=resolve_impl(t.impl, device),

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import subprocess
 import sys
+from contextlib import contextmanager
 
 import pytest
 import torch
@@ -23,13 +24,21 @@ def _step(cfg, dtype=torch.float32, second=True, seed=3):
     return learner, result, loss, evaluated
 
 
+@contextmanager
+def _torch_threads(n: int):
+    threads = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+
+
 @pytest.fixture
 def one_intra_op_thread():
     # reductions split over intra-op threads round differently, so compare at one op thread
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+    with _torch_threads(1):
+        yield
 
 
 @pytest.mark.parametrize("second", [False, True])
@@ -95,10 +104,8 @@ def test_bf16_autocast_runs_on_cpu_close_to_float32():
 
 @pytest.fixture
 def four_torch_threads():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(4)
-    yield
-    torch.set_num_threads(threads)
+    with _torch_threads(4):
+        yield
 
 
 def test_auto_resolves_per_device(four_torch_threads):
