@@ -92,27 +92,24 @@ def main(argv: list[str] | None = None) -> int:
     write_report(report, out)
     say(f"wrote {out}")
 
-    variants: dict[str, dict] = {  # the default run is `precision = auto` (tf32 on CUDA)
-        "strict-fp32": {"tf32": False, "overrides": ["train.precision=float32"]},
-    }
-    for name, overrides in ENGINE_VARIANTS.items():
-        variants[name] = {"tf32": None, "overrides": overrides}
+    # the default run is `precision = auto` (TF32 on CUDA); strict float32 is a variant
+    variants = {"strict-fp32": ["train.precision=float32"], **ENGINE_VARIANTS}
     for spec in args.variant:
         name, _, rest = spec.partition("=")
-        variants[name] = {"tf32": None, "overrides": [o for o in rest.split(",") if o]}
+        variants[name] = [o for o in rest.split(",") if o]
     if args.no_variants:
         variants = {}
-    for name, v in variants.items():
-        problem = _accepted(v["overrides"]) if v["overrides"] else None
+    for name, overrides in variants.items():
+        problem = _accepted(overrides) if overrides else None
         if problem:
-            report["variants"][name] = {"skipped": problem, "overrides": v["overrides"]}
+            report["variants"][name] = {"skipped": problem, "overrides": overrides}
             say(f"== variant {name}: skipped ({problem})")
             continue
         say(f"== variant {name}: vmap, second order")
         sub = run_bench(BenchOptions(**{**base, "impls": ["vmap"], "orders": ["second"]},
-                                     tf32=v["tf32"], overrides=v["overrides"]), progress=say)
-        report["variants"][name] = {"tf32": v["tf32"], "overrides": v["overrides"],
-                                    "results": sub["results"], "rows": sub["rows"]}
+                                     overrides=overrides), progress=say)
+        report["variants"][name] = {"overrides": overrides, "results": sub["results"],
+                                    "rows": sub["rows"]}
         write_report(report, out)
     report["duration_s"] = time.time() - started
     write_report(report, out)

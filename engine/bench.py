@@ -96,7 +96,6 @@ class BenchOptions:
     eval_tasks: int = 50  # validation tasks timed per implementation (0: skip)
     eval_repeats: int = 1
     threads: int | None = None  # torch intra-op threads in the workers (None: torch's default)
-    tf32: bool | None = None  # CUDA: set allow_tf32 for matmul and cuDNN (None: torch defaults)
     overrides: list[str] = field(default_factory=list)  # section.key=value, for every preset
     isolate: bool = True  # one fresh process per (preset, impl); False: in this process
     job_timeout: float | None = None
@@ -522,15 +521,13 @@ def measure(job: dict) -> dict[str, Any]:
 
 @contextlib.contextmanager
 def _job_settings(job: dict):
-    """Threads, TF32 flags and the memory cap of a job, restored afterwards (in-process runs)."""
+    """Threads, TF32 flags (the learner sets them from train.precision) and the memory cap of
+    a job, restored afterwards (in-process runs)."""
     saved = (torch.get_num_threads(), torch.backends.cuda.matmul.allow_tf32,
              torch.backends.cudnn.allow_tf32, resource.getrlimit(resource.RLIMIT_DATA))
     try:
         if job.get("threads"):
             torch.set_num_threads(int(job["threads"]))
-        if job.get("tf32") is not None:
-            torch.backends.cuda.matmul.allow_tf32 = bool(job["tf32"])
-            torch.backends.cudnn.allow_tf32 = bool(job["tf32"])
         if job.get("memory_cap_bytes") and job.get("device", "cpu") == "cpu":
             # soft limit: an allocation past it fails here only (not on CUDA: the driver maps
             # large address ranges)
@@ -552,8 +549,6 @@ def _measure(job: dict) -> dict[str, Any]:
     dataset = synthetic_dataset(cfg)
     matmul = matmul_throughput(job["device"], job.get("matmul_n"))["flops_per_s"]
     setup = {"threads": torch.get_num_threads(), "matmul_flops_per_s": matmul,
-             "tf32": {"matmul": torch.backends.cuda.matmul.allow_tf32,
-                      "cudnn": torch.backends.cudnn.allow_tf32},
              "rss_after_setup_bytes": current_rss(), "load_average": list(os.getloadavg()),
              "memory_cap_bytes": job.get("memory_cap_bytes")}
     if job["phase"].startswith("paired-"):
@@ -563,6 +558,9 @@ def _measure(job: dict) -> dict[str, Any]:
     else:
         out = _train_phase(job, cfg, dataset, device, job["phase"], matmul)
     out.update(setup)
+    # as the phase ran them: the learner sets these from train.precision
+    out["tf32"] = {"matmul": torch.backends.cuda.matmul.allow_tf32,
+                   "cudnn": torch.backends.cudnn.allow_tf32}
     out["process_peak_rss_bytes"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     return out
 
@@ -661,7 +659,7 @@ def run_bench(options: BenchOptions,
                 job = {"preset": preset, "impl": impl, "device": device, "phase": phase,
                        "iters": options.iters, "warmup": options.warmup,
                        "eval_tasks": options.eval_tasks, "eval_repeats": options.eval_repeats,
-                       "threads": options.threads, "tf32": options.tf32,
+                       "threads": options.threads,
                        "overrides": options.overrides,
                        "memory_cap_bytes": options.memory_cap_bytes,
                        "matmul_n": options.matmul_n,
@@ -685,7 +683,7 @@ def run_bench(options: BenchOptions,
             for order in options.orders:
                 job = {"preset": preset, "impl": "auto", "device": device,
                        "phase": f"paired-{order}", "paired_rounds": options.paired_rounds,
-                       "threads": options.threads, "tf32": options.tf32,
+                       "threads": options.threads,
                        "overrides": options.overrides,
                        "memory_cap_bytes": options.memory_cap_bytes, "matmul_n": 256}
                 say(f"{preset} auto vs plain {order}, alternating: measuring ...")
