@@ -31,8 +31,9 @@ class InnerPlan:
 
 
 def _support_loss(adapted: Params, bn: Params, x: torch.Tensor, y: torch.Tensor, step: int,
-                  running: Params | None, track: bool) -> tuple[torch.Tensor, BatchStats]:
-    logits, stats = forward(adapted, bn, x, step, running, track)
+                  running: Params | None, track: bool,
+                  lean: bool = False) -> tuple[torch.Tensor, BatchStats]:
+    logits, stats = forward(adapted, bn, x, step, running, track, lean_second_order=lean)
     return F.cross_entropy(logits, y), stats
 
 
@@ -119,6 +120,7 @@ def inner_loop(
     """
     run = running if plan.use_running else None
     grad = torch_func_grad if plan.functional else _autograd_grad
+    lean = not plan.functional and run is None
     fast = adapted
     losses, stats = [], []
     logits = None
@@ -126,7 +128,7 @@ def inner_loop(
     for i in range(plan.steps):
         if plan.second_order:
             g, s = grad(_support_loss, has_aux=True)(fast, bn, x_support, y_support, i, run,
-                                                     plan.track_stats)
+                                                     plan.track_stats, lean)
         else:
             g, s = grad(_support_loss, has_aux=True)(_detached(fast), _detached(bn), x_support,
                                                      y_support, i, run, plan.track_stats)

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from engine.batch_norm import batch_norm_train
 from engine.config import Config
 from engine.max_pool import max_pool2x2
 
@@ -111,12 +112,15 @@ def forward(
     step: int,
     running: Params | None = None,
     track: bool = False,
+    lean_second_order: bool = False,
 ) -> tuple[torch.Tensor, BatchStats]:
     """Logits for images x [n, C, H, W] at inner step `step`.
 
     With `running` given, normalise with that step's running set (evaluation with
     bn_eval_stats = "running"); otherwise with the batch's own statistics. With `track`, also
     return each stage's detached batch mean and unbiased variance for the running-set update.
+    `lean_second_order` (plain autograd only, not under torch.func) takes batch-norm's second
+    derivative from engine/batch_norm.py instead of torch's.
     """
     stats: BatchStats = []
     stages = len(bn) // 2
@@ -128,12 +132,16 @@ def forward(
             mean, var = running[f"bn{i}.running_mean"], running[f"bn{i}.running_var"]
             r = row(step, mean.shape[0])
             x = F.batch_norm(x, mean[r], var[r], w, b, training=False, eps=BN_EPS)
-        elif track:
+        elif track or lean_second_order:
             # batch norm computes the batch mean and 1/sqrt(var + eps) anyway: reuse them
             # (a separate mean/var pass cost 10-20% of a step); running sets want unbiased var
-            x, mean, invstd = torch.native_batch_norm(x, w, b, None, None, True, 0.0, BN_EPS)
-            n = x.numel() // x.shape[1]
-            stats.append((mean.detach(), (invstd.detach().pow(-2) - BN_EPS) * (n / (n - 1))))
+            if lean_second_order:
+                x, mean, invstd = batch_norm_train(x, w, b, BN_EPS)
+            else:
+                x, mean, invstd = torch.native_batch_norm(x, w, b, None, None, True, 0.0, BN_EPS)
+            if track:
+                n = x.numel() // x.shape[1]
+                stats.append((mean.detach(), (invstd.detach().pow(-2) - BN_EPS) * (n / (n - 1))))
         else:
             x = F.batch_norm(x, None, None, w, b, training=True, eps=BN_EPS)
         # max-pool before LeakyReLU: equal values and gradients (LeakyReLU is increasing, so it

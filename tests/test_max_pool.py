@@ -1,0 +1,41 @@
+"""engine/max_pool.py against F.max_pool2d: values, which element of a tied window takes the
+gradient, and second derivatives, for even and odd sizes."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from engine.max_pool import max_pool2x2
+
+
+def _input(shape, seed):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(shape, generator=g, dtype=torch.float64)
+    x[:, :, :4, :4] = 0.5  # constant windows: ties, as on Omniglot's blank background
+    x[0, 0, 4:6, 4:6] = torch.tensor([[1.0, 2.0], [2.0, 2.0]], dtype=torch.float64)
+    return x
+
+
+@pytest.mark.parametrize("shape", [(2, 3, 8, 8), (3, 2, 7, 9), (1, 4, 7, 6)])
+def test_same_as_torch_max_pool(shape):
+    x = _input(shape, sum(shape))
+    r = torch.randn(x.shape[0], x.shape[1], x.shape[2] // 2, x.shape[3] // 2,
+                    dtype=torch.float64)
+
+    def run(pool):
+        xx = x.clone().requires_grad_()
+        y = pool(xx)
+        (gx,) = torch.autograd.grad((y * r).sum() + (y ** 3).sum(), xx, create_graph=True)
+        (ggx,) = torch.autograd.grad((gx * gx).sum(), xx)
+        return y, gx, ggx
+
+    for a, e in zip(run(max_pool2x2), run(lambda t: F.max_pool2d(t, 2)), strict=True):
+        assert torch.equal(a, e)
+
+
+def test_nan_propagates():
+    x = torch.zeros(1, 1, 4, 4, requires_grad=True)
+    with torch.no_grad():
+        x[0, 0, 1, 1] = float("nan")
+    y = max_pool2x2(x)
+    assert torch.isnan(y[0, 0, 0, 0]) and torch.isnan(F.max_pool2d(x, 2)[0, 0, 0, 0])
