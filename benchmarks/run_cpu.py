@@ -36,8 +36,9 @@ from engine.bench import (  # noqa: E402
 
 
 def merge(base: dict, new: dict) -> dict:
-    """`base` with `new`'s (preset, impl) phases in place of its own (a rerun of validation only
-    keeps the training phases), rows and targets redone."""
+    """`base` with `new`'s (preset, impl) phases and alternating `paired` measurements in place
+    of its own (a rerun of validation only keeps the training phases), rows and targets
+    redone."""
     old = {(r["preset"], r["impl"]): r for r in base["results"]}
     fresh = {(r["preset"], r["impl"]): r for r in new["results"]}
     for key, r in fresh.items():
@@ -51,11 +52,14 @@ def merge(base: dict, new: dict) -> dict:
                              key=lambda r: order.get((r["preset"], r["impl"]), len(order)))
     base.setdefault("reruns", []).append({
         "created": new["created"], "duration_s": new["duration_s"],
-        "presets": sorted({p for p, _ in fresh}), "impls": sorted({i for _, i in fresh}),
+        "presets": sorted({p for p, _ in fresh} | set(new.get("paired", {}))),
+        "impls": sorted({i for _, i in fresh}), "paired": sorted(new.get("paired", {})),
         "load_average_start": new["load_average_start"],
         "load_average_end": new["load_average_end"], "options": new["options"]})
     if "thread_sweep" in new:
         base["thread_sweep"] = new["thread_sweep"]
+    for preset, orders in new.get("paired", {}).items():
+        base.setdefault("paired", {}).setdefault(preset, {}).update(orders)
     base["rows"] = summary_rows(base)
     base["targets"] = check_targets(base)
     return base

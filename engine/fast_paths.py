@@ -13,8 +13,11 @@ The choices come from measurements (benchmarks/results/, README "Speed"), not as
   more; omniglot-5w5s and 20w1s 1.4-1.6x faster on two.
 - channels_last: on CPU for first-order steps (evaluation, first-order training): measured
   1.4-1.7x faster there (torch's NCHW max-pool is 5-10x slower than its channels-last one on
-  this CPU). Second-order support passes stay NCHW (batch norm's double backward is slow
-  channels-last); their query passes go channels-last only for small images on several task
+  this CPU). Second-order support passes stay NCHW: whole second-order steps channels-last were
+  1.31x slower with torch's batch-norm double backward, and with engine/batch_norm.py still
+  slower on miniimagenet-5w5s (6.2 vs 5.7 s) and within noise on omniglot-5w1s (0.70 vs
+  0.74 s, 8 rounds interleaved; NCHW max-pool goes through a channels-last copy,
+  engine/max_pool.py). Their query passes go channels-last only for small images on several task
   threads: that made omniglot-5w1s 11% faster (12 rounds interleaved), while with one task at
   a time it made miniimagenet-5w5s 10% slower and omniglot-20w5s -8% to +5% (3 rounds each).
   Off on CUDA until measured there (run_gpu.sh does).

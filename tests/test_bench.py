@@ -128,3 +128,23 @@ def test_bench_pairs_auto_and_plain_in_one_process():
     assert check["same_path"] == (pair["paths"]["auto"] == pair["paths"]["plain"])
     assert check["met"] == (check["same_path"]
                             or pair["s_per_iter"]["auto"] <= pair["s_per_iter"]["plain"])
+
+
+def test_merge_keeps_both_reports_paired_measurements():
+    """run_cpu.py --merge-into: the rerun's alternating auto-vs-plain results join the base's,
+    and default_vs_plain is judged for the presets of both."""
+    import copy
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("run_cpu", ROOT / "benchmarks" / "run_cpu.py")
+    run_cpu = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(run_cpu)
+    new = run_bench(BenchOptions(presets=["quickstart"], impls=["auto", "plain"],
+                                 orders=["first"], overrides=TINY, isolate=False,
+                                 paired_rounds=1, paired_only=True, matmul_n=256))
+    base = copy.deepcopy(new)
+    base["paired"] = {"omniglot-5w1s": base["paired"].pop("quickstart")}
+    merged = run_cpu.merge(base, new)
+    assert set(merged["paired"]) == {"omniglot-5w1s", "quickstart"}
+    assert set(merged["targets"]["default_vs_plain"]) == {"omniglot-5w1s", "quickstart"}
+    assert merged["paired"]["quickstart"] == new["paired"]["quickstart"]
