@@ -79,9 +79,13 @@ def meta_batch(
     step = 1 if not vmapped else (chunk or -(-size // max(1, min(workers, size))))
     params = learnable(meta) if weights is not None else []
     grad_enabled = torch.is_grad_enabled()
+    # grad mode and autocast are per thread: the task threads take the caller's
+    device = batch.x_support.device.type
+    autocast = (torch.is_autocast_enabled(device), torch.get_autocast_dtype(device))
 
     def run_part(start: int):
-        with torch.set_grad_enabled(grad_enabled):  # grad mode is per thread
+        with (torch.set_grad_enabled(grad_enabled),
+              torch.autocast(device, dtype=autocast[1], enabled=autocast[0])):
             part = batch.slice(start, min(start + step, size))
             q_losses, q_logits, q_stats, objective = _run(meta, part, plan, weights, vmapped)
             if not vmapped:

@@ -93,11 +93,18 @@ def test_channels_last_batch_has_nhwc_strides():
         assert x.stride(1) == 1  # real NHWC strides even with one channel
 
 
-def test_bf16_autocast_runs_on_cpu_close_to_float32():
-    _, r32, l32, e32 = _step(small_config("train.precision=float32"), second=False)
-    learner, r16, l16, e16 = _step(small_config("train.precision=bf16"), second=False)
+@pytest.mark.parametrize("second", [False, True])
+@pytest.mark.parametrize("threads", [1, 2])
+def test_bf16_autocast_runs_on_cpu_close_to_float32(second, threads):
+    # autocast is per thread: tasks on worker threads must run under the caller's autocast
+    _, r32, l32, e32 = _step(small_config("train.precision=float32",
+                                          f"train.task_threads={threads}"), second=second)
+    learner, r16, l16, e16 = _step(small_config("train.precision=bf16",
+                                                f"train.task_threads={threads}"), second=second)
     assert learner.paths.precision == "bf16"
     assert l16 == pytest.approx(l32, rel=0.1)
+    assert abs(l16 - l32) > 1e-4 * abs(l32)  # bf16 really ran
+    assert (e16.logits.float() - e32.logits).abs().max() > 1e-4 * e32.logits.abs().max()
     assert torch.isfinite(flat(grads(learner))).all()
     assert (e16.logits.float() - e32.logits).abs().max() < 0.1 * e32.logits.abs().max()
 
