@@ -120,7 +120,9 @@ def inner_loop(
     """
     run = running if plan.use_running else None
     grad = torch_func_grad if plan.functional else _autograd_grad
-    lean = not plan.functional and run is None
+    # batch norm's lean second derivative (engine/batch_norm.py) is a plain autograd.Function,
+    # so it serves the per-task loop, not torch.func's transforms
+    lean = not plan.functional
     fast = adapted
     losses, stats = [], []
     logits = None
