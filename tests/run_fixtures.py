@@ -49,6 +49,16 @@ def events(home: Path, run_id: str) -> list[dict]:
     return [json.loads(line) for line in lines if line.strip()]
 
 
+def story(home: Path, run_id: str, lines: int = 40) -> str:
+    """The run's status and the end of its engine.log, for assertion messages: a run that
+    fails in the background leaves its reason there, not in the test's output."""
+    try:
+        log = (run_dir(home, run_id) / "engine.log").read_text().splitlines()[-lines:]
+    except OSError:
+        log = ["(no engine.log)"]
+    return f"status: {status(home, run_id)}\nengine.log:\n" + "\n".join(log)
+
+
 def final_tensors(home: Path, run_id: str) -> dict:
     ckpts = run_dir(home, run_id) / "checkpoints"
     name = json.loads((ckpts / "latest.json").read_text())["name"]

@@ -15,7 +15,15 @@ import torch
 
 from engine.distributed import World, check_divisible
 from engine.errors import UserError
-from tests.run_fixtures import events, final_tensors, mamlpp, run_dir, status, wait_for
+from tests.run_fixtures import (
+    events,
+    final_tensors,
+    mamlpp,
+    run_dir,
+    status,
+    story,
+    wait_for,
+)
 
 SMALL = ["train.iters_per_epoch=5", "train.meta_batch=4", "model.filters=8",
          "eval.val_tasks=10", "eval.test_tasks=11", "train.inner_steps=2",
@@ -115,8 +123,8 @@ def test_kill_whole_job_then_resume_under_torchrun(home):
     assert json.loads(mamlpp(home, "show", killed, "--json").stdout)["state"] == "failed"
     again = torchrun(home, 2, "resume", killed, "--no-tui")
     out, _ = again.communicate(timeout=300)
-    assert again.returncode == 0, out
-    assert status(home, killed)["state"] == "finished"
+    assert again.returncode == 0, out[-4000:] + story(home, killed)
+    assert status(home, killed)["state"] == "finished", story(home, killed)
     _close(final_tensors(home, killed), final_tensors(home, reference), 1e-6)
 
 

@@ -12,7 +12,16 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from tests.run_fixtures import events, final_tensors, mamlpp, run_dir, sets, status, wait_for
+from tests.run_fixtures import (
+    events,
+    final_tensors,
+    mamlpp,
+    run_dir,
+    sets,
+    status,
+    story,
+    wait_for,
+)
 
 
 @pytest.fixture(scope="module")
@@ -115,15 +124,16 @@ def test_kill9_at_random_moments_then_resume_is_bit_identical(home, finished):
             kills += 1
             r = mamlpp(home, "runs", "--json")
             listed = {x["id"]: x for x in json.loads(r.stdout)}
-            assert listed[run_id]["state"] in ("failed", "finished")
+            assert listed[run_id]["state"] in ("failed", "finished"), story(home, run_id)
             r = mamlpp(home, "resume", run_id, "--detach")
-            assert r.returncode == 0, r.stderr
-    assert wait_for(lambda: status(home, run_id)["state"] == "finished", timeout=120)
-    assert kills >= 2
+            assert r.returncode == 0, r.stderr + story(home, run_id)
+    assert wait_for(lambda: status(home, run_id)["state"] == "finished", timeout=120), \
+        story(home, run_id)
+    assert kills >= 2, (targets, story(home, run_id))
     a, b = final_tensors(home, run_id), final_tensors(home, finished)
     assert a.keys() == b.keys()
     for k in a:
-        assert torch.equal(a[k], b[k]), k
+        assert torch.equal(a[k], b[k]), (k, story(home, run_id))
 
 
 def test_truncated_newest_checkpoint_falls_back_and_finishes(home, finished):
