@@ -82,6 +82,21 @@ def _detach_all(tree):
     return tree
 
 
+def _channels_last(x: torch.Tensor) -> bool:
+    """Whether images have NHWC strides (TaskBatch.channels_last gives them even to one
+    channel, where NCHW and NHWC are otherwise the same tensor)."""
+    return x.dim() == 4 and x.stride(1) == 1 and x.shape[2] * x.shape[3] > 1
+
+
+def _like_channels_last(params: Params) -> Params:
+    """Conv weights in channels-last too: with NCHW weights every channels-last conv reorders
+    its weight (a copy per call) and each inner update mixes layouts. Same numbers; measured
+    interleaved, omniglot-5w1s validation 0.0182 -> 0.0168 s/task (16 rounds), mini-ImageNet
+    5w5s 0.563 -> 0.540 s/task (4 rounds), omniglot-20w5s unchanged."""
+    return {k: v.contiguous(memory_format=torch.channels_last) if v.dim() == 4 else v
+            for k, v in params.items()}
+
+
 def _detached(params: Params) -> Params:
     return {k: v.detach() for k, v in params.items()}
 
@@ -124,6 +139,8 @@ def inner_loop(
     # so it serves the per-task loop, not torch.func's transforms
     lean = not plan.functional
     fast = adapted
+    if not plan.functional and _channels_last(x_support):
+        fast = _like_channels_last(fast)
     losses, stats = [], []
     logits = None
     objective = x_query.new_zeros(())
