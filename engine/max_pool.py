@@ -21,18 +21,23 @@ from torch._C._functorch import is_batchedtensor
 _K, _PAD, _DIL = [2, 2], [0, 0], [1, 1]
 
 
+def _pool_with_indices(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Values and indices of the 2x2 pool of NCHW-contiguous x, in NCHW."""
+    if x.device.type == "cpu" and not is_batchedtensor(x):
+        # torch's NCHW max-pool kernel is 3-4x slower on the CPU than copying to channels-last,
+        # pooling there and copying values and indices back
+        x = x.contiguous(memory_format=torch.channels_last)
+        out, indices = torch.ops.aten.max_pool2d_with_indices(x, _K, _K, _PAD, _DIL, False)
+        return out.contiguous(), indices.contiguous()
+    return torch.ops.aten.max_pool2d_with_indices(x, _K, _K, _PAD, _DIL, False)
+
+
 class _MaxPool2x2(torch.autograd.Function):
     generate_vmap_rule = True
 
     @staticmethod
     def forward(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        if x.device.type == "cpu" and not is_batchedtensor(x):
-            # torch's NCHW max-pool kernel is 3-4x slower on the CPU than copying to
-            # channels-last, pooling there and copying values and indices back
-            x = x.contiguous(memory_format=torch.channels_last)
-            out, indices = torch.ops.aten.max_pool2d_with_indices(x, _K, _K, _PAD, _DIL, False)
-            return out.contiguous(), indices.contiguous()
-        return torch.ops.aten.max_pool2d_with_indices(x, _K, _K, _PAD, _DIL, False)
+        return _pool_with_indices(x)
 
     @staticmethod
     def setup_context(ctx, inputs, output) -> None:
@@ -52,6 +57,6 @@ class _MaxPool2x2(torch.autograd.Function):
 
 def max_pool2x2(x: torch.Tensor) -> torch.Tensor:
     """F.max_pool2d(x, 2) for NCHW-contiguous x, without saving x; other layouts go to torch."""
-    if x.dim() == 4 and x.is_contiguous() and x.requires_grad:
-        return _MaxPool2x2.apply(x)[0]
+    if x.dim() == 4 and x.is_contiguous():
+        return _MaxPool2x2.apply(x)[0] if x.requires_grad else _pool_with_indices(x)[0]
     return torch.nn.functional.max_pool2d(x, 2)

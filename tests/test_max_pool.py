@@ -31,6 +31,8 @@ def test_same_as_torch_max_pool(shape):
 
     for a, e in zip(run(max_pool2x2), run(lambda t: F.max_pool2d(t, 2)), strict=True):
         assert torch.equal(a, e)
+    with torch.no_grad():  # the pass without a graph takes the same pooling
+        assert torch.equal(max_pool2x2(x), F.max_pool2d(x, 2))
 
 
 def test_nan_propagates():
