@@ -81,11 +81,12 @@ def meta_batch(
     grad_enabled = torch.is_grad_enabled()
     # grad mode and autocast are per thread: the task threads take the caller's
     device = batch.x_support.device.type
-    autocast = (torch.is_autocast_enabled(device), torch.get_autocast_dtype(device))
+    autocast_on = torch.is_autocast_enabled(device)
+    autocast_dtype = torch.get_autocast_dtype(device)
 
     def run_part(start: int):
         with (torch.set_grad_enabled(grad_enabled),
-              torch.autocast(device, dtype=autocast[1], enabled=autocast[0])):
+              torch.autocast(device, dtype=autocast_dtype, enabled=autocast_on)):
             part = batch.slice(start, min(start + step, size))
             q_losses, q_logits, q_stats, objective = _run(meta, part, plan, weights, vmapped)
             if not vmapped:
