@@ -61,6 +61,7 @@ def _drop_caches() -> bool:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from engine.bench import write_report
     from engine.data.cache import CacheWriter
 
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
@@ -94,7 +95,7 @@ def main(argv: list[str] | None = None) -> int:
               "images": sum(c * k for c, k in SPLITS.values()), "write_s": write_s, **runs}
     out = args.out or ROOT / "benchmarks" / "results" / (
         f"cache-load-{dt.date.today().isoformat()}.json")
-    out.write_text(json.dumps(report, indent=1) + "\n")
+    write_report(report, out)
     print(f"wrote {out}")
     return 0
 
