@@ -6,7 +6,7 @@ peak memory figures do not mix:
 - seconds per meta-iteration, first and second order, at MSL epoch 0 (every step's query loss
   counts, the most expensive MSL phase). `train_step` would tie the order to the epoch (first
   order before `first_order_epochs`, which is after MSL ends in the paper presets), so the bench
-  calls `meta_loss(batch, weights, second_order)` + `outer_step` directly;
+  calls `update(batch, weights, second_order, lr)`, the step `train_step` runs, directly;
 - the FLOPs of one such step (torch.utils.flop_counter, counted on the loop implementation: under
   vmap the convs are grouped and the counter over-counts a grouped conv's weight gradient by the
   number of groups), the FLOP/s achieved and that figure as a fraction of the same device's
@@ -313,14 +313,14 @@ def count_step_flops(learner, batch, weights: list[float], second_order: bool) -
     """FLOPs of one meta-update (meta_loss + outer_step); performs the update."""
     counter = FlopCounterMode(display=False)
     with _one_task_thread(learner), counter:
-        _, loss = learner.meta_loss(batch, weights, second_order)
-        _outer(learner, loss)
+        _update(learner, batch, weights, second_order)
     return int(counter.get_total_flops())
 
 
-def _outer(learner, loss: float) -> None:
+def _update(learner, batch, weights: list[float], second_order: bool) -> None:
+    """One timed meta-update: the learner's own `update`, which training runs."""
     try:
-        learner.outer_step(loss, meta_lr(0, learner.config))
+        learner.update(batch, weights, second_order, meta_lr(0, learner.config))
     except NonFiniteLossError:
         pass
 
@@ -349,14 +349,12 @@ def _train_phase(job: dict, cfg, dataset, device, order: str, matmul: float) -> 
                     flops_error = f"{type(e).__name__}: {e}"
                     learner.optimizer.zero_grad(set_to_none=True)
             else:
-                _, loss = learner.meta_loss(batch, weights, second)
-                _outer(learner, loss)
+                _update(learner, batch, weights, second)
         _sync(device)
         for _ in range(iters):
             w0, t0, c0 = batches.wait_seconds, time.perf_counter(), time.process_time()
             batch = next(batches)
-            _, loss = learner.meta_loss(batch, weights, second)
-            _outer(learner, loss)
+            _update(learner, batch, weights, second)
             _sync(device)
             times.append(time.perf_counter() - t0)
             cpu_times.append(time.process_time() - c0)

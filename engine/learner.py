@@ -107,18 +107,24 @@ class MetaLearner:
 
     def train_step(self, batch: TaskBatch, epoch: int) -> StepMetrics:
         """One meta-update on a meta-batch of tasks."""
-        steps = self.config.train.inner_steps
-        weights = msl_weights(epoch, steps, self.config.maml_pp.msl_epochs,
+        weights = msl_weights(epoch, self.config.train.inner_steps, self.config.maml_pp.msl_epochs,
                               self.config.maml_pp.msl)
-        lr = meta_lr(epoch, self.config)
-        second = second_order_at(epoch, self.config)
-        result, loss = self.meta_loss(batch, weights, second)
+        return self.update(batch, weights, second_order_at(epoch, self.config),
+                           meta_lr(epoch, self.config))
+
+    def update(self, batch: TaskBatch, weights: list[float], second_order: bool,
+               lr: float) -> StepMetrics:
+        """One meta-update with the schedule's values given: what `train_step` runs, and what
+        `mamlpp bench` times (so it holds exactly the tensors training holds; a result kept
+        past its step pinned small tensors all over the heap and grew the bench's RSS)."""
+        result, loss = self.meta_loss(batch, weights, second_order)
         self.outer_step(loss, lr)
-        step_losses: list[float | None] = [None] * steps
+        step_losses: list[float | None] = [None] * len(weights)
         plan_steps = [i for i, w in enumerate(weights) if w > 0]
         for j, i in enumerate(plan_steps):
             step_losses[i] = result.losses[:, j].mean().item()
-        return StepMetrics(loss, result.accuracy.mean().item(), step_losses, weights, lr, second)
+        return StepMetrics(loss, result.accuracy.mean().item(), step_losses, weights, lr,
+                           second_order)
 
     def meta_loss(self, batch: TaskBatch, weights: list[float],
                   second_order: bool) -> tuple[BatchResult, float]:
