@@ -113,6 +113,7 @@ def forward(
     running: Params | None = None,
     track: bool = False,
     lean_second_order: bool = False,
+    stats_out: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, BatchStats]:
     """Logits for images x [n, C, H, W] at inner step `step`.
 
@@ -120,7 +121,9 @@ def forward(
     bn_eval_stats = "running"); otherwise with the batch's own statistics. With `track`, also
     return each stage's detached batch mean and unbiased variance for the running-set update.
     `lean_second_order` (plain autograd only, not under torch.func) takes batch-norm's second
-    derivative from engine/batch_norm.py instead of torch's.
+    derivative from engine/batch_norm.py instead of torch's. `stats_out` ([stages, 2, filters],
+    plain autograd only) receives the tracked statistics instead of the returned list, so that
+    no tensor created mid-pass outlives it (see engine/inner_loop.py, `_PassOutputs`).
     """
     stats: BatchStats = []
     stages = len(bn) // 2
@@ -141,7 +144,12 @@ def forward(
                 x, mean, invstd = torch.native_batch_norm(x, w, b, None, None, True, 0.0, BN_EPS)
             if track:
                 n = x.numel() // x.shape[1]
-                stats.append((mean.detach(), (invstd.detach().pow(-2) - BN_EPS) * (n / (n - 1))))
+                var = (invstd.detach().pow(-2) - BN_EPS) * (n / (n - 1))
+                if stats_out is None:
+                    stats.append((mean.detach(), var))
+                else:
+                    stats_out[i, 0].copy_(mean.detach())
+                    stats_out[i, 1].copy_(var)
         else:
             x = F.batch_norm(x, None, None, w, b, training=True, eps=BN_EPS)
         # max-pool before LeakyReLU: equal values and gradients (LeakyReLU is increasing, so it
