@@ -1,11 +1,14 @@
-"""2x2 max-pool that keeps only its indices for the backward.
+"""2x2 max-pool that keeps one byte per output for the backward.
 
-`F.max_pool2d` saves its input for the backward, although the backward only needs the indices
-and the input's shape. In second-order MAML every support pass's graph lives until the
+`F.max_pool2d` saves its input for the backward, although the backward only needs where each
+window's maximum was. In second-order MAML every support pass's graph lives until the
 meta-gradient is taken, so on mini-ImageNet that is a needless 34 MB per inner step and task
-(25 x 48 x 84 x 84 float32, the batch-norm output). This pool computes the same values and
-gradients with torch's own kernels and saves the int64 indices alone; the backward is written
-with torch ops, so its own derivative (second order) comes from torch too.
+(25 x 48 x 84 x 84 float32, the batch-norm output); torch's int64 indices would still be 17 MB,
+and the backward's own graph (second order) keeps them again. Asked to (`compact`), this pool
+saves each maximum's offset from its window's top-left element instead (0, 1, W or W + 1: one
+uint8 while W < 255) and rebuilds the indices for torch's kernels when a backward needs them;
+the backward and its derivative, a gather, are autograd Functions of each other, so no order
+of derivative keeps more than the offsets.
 
 On the CPU the forward pools a channels-last copy: torch's NCHW max-pool kernel is not
 vectorised and took 20% of a miniimagenet-5w5s second-order step (55 ms for 25 x 48 x 84 x 84
@@ -19,44 +22,127 @@ import torch
 from torch._C._functorch import is_batchedtensor
 
 _K, _PAD, _DIL = [2, 2], [0, 0], [1, 1]
+_MAX_CODED_WIDTH = 254  # offsets up to W + 1 fit a uint8
 
 
-def _pool_with_indices(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Values and indices of the 2x2 pool of NCHW-contiguous x, in NCHW."""
+def _window_starts(shape: torch.Size, device: torch.device) -> torch.Tensor:
+    """Flat index (h * W + w) of each 2x2 window's top-left element: [OH, OW] int64."""
+    h, w = shape[-2], shape[-1]
+    rows = torch.arange(h // 2, device=device) * (2 * w)
+    return rows[:, None] + torch.arange(w // 2, device=device)[None, :] * 2
+
+
+def _encode(indices: torch.Tensor, shape: torch.Size) -> torch.Tensor:
+    """uint8 offsets (NCHW) of torch's flat max-pool indices; the indices themselves for rows
+    too wide for a byte."""
+    if shape[-1] > _MAX_CODED_WIDTH:
+        return indices.contiguous()
+    offsets = indices.sub_(_window_starts(shape, indices.device))  # the kernel's own tensor
+    return offsets.to(torch.uint8, memory_format=torch.contiguous_format)
+
+
+def _decode(codes: torch.Tensor, shape: torch.Size) -> torch.Tensor:
+    if codes.dtype != torch.uint8:
+        return codes
+    return _window_starts(shape, codes.device) + codes
+
+
+def _pool(x: torch.Tensor, where: str) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Values (NCHW) of the 2x2 pool of NCHW-contiguous x and where its maxima were: "codes"
+    (one byte each), "indices" (torch's int64) or "none"."""
     if x.device.type == "cpu" and not is_batchedtensor(x):
         # torch's NCHW max-pool kernel is 3-4x slower on the CPU than copying to channels-last,
-        # pooling there and copying values and indices back
+        # pooling there and copying the values back
         x = x.contiguous(memory_format=torch.channels_last)
-        out, indices = torch.ops.aten.max_pool2d_with_indices(x, _K, _K, _PAD, _DIL, False)
-        return out.contiguous(), indices.contiguous()
-    return torch.ops.aten.max_pool2d_with_indices(x, _K, _K, _PAD, _DIL, False)
+    out, indices = torch.ops.aten.max_pool2d_with_indices(x, _K, _K, _PAD, _DIL, False)
+    if where == "none":
+        return out.contiguous(), None
+    return out.contiguous(), (_encode(indices, x.shape) if where == "codes"
+                              else indices.contiguous())
+
+
+def _scatter(grad: torch.Tensor, codes: torch.Tensor, shape: torch.Size, dtype: torch.dtype):
+    # the kernel reads only the shape (and layout) of its `self`: a zero-stride stand-in
+    stand_in = torch.zeros((), dtype=dtype, device=grad.device).expand(shape)
+    return torch.ops.aten.max_pool2d_with_indices_backward(
+        grad, stand_in, _K, _K, _PAD, _DIL, False, _decode(codes, shape))
+
+
+def _gather(x: torch.Tensor, codes: torch.Tensor) -> torch.Tensor:
+    n, c = x.shape[0], x.shape[1]
+    indices = _decode(codes, x.shape).reshape(n, c, -1)
+    return x.reshape(n, c, -1).gather(2, indices).view(codes.shape)
 
 
 class _MaxPool2x2(torch.autograd.Function):
     generate_vmap_rule = True
 
     @staticmethod
-    def forward(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        return _pool_with_indices(x)
+    def forward(x: torch.Tensor, compact: bool) -> tuple[torch.Tensor, torch.Tensor]:
+        return _pool(x, "codes" if compact else "indices")
 
     @staticmethod
     def setup_context(ctx, inputs, output) -> None:
-        (x,) = inputs
+        x, _ = inputs
         ctx.mark_non_differentiable(output[1])
         ctx.save_for_backward(output[1])
-        ctx.shape, ctx.dtype, ctx.device = x.shape, x.dtype, x.device
+        ctx.shape, ctx.dtype = x.shape, x.dtype
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor, _: torch.Tensor) -> torch.Tensor:
-        (indices,) = ctx.saved_tensors
-        # the kernel reads only the shape (and layout) of its `self`: a zero-stride stand-in
-        stand_in = torch.zeros((), dtype=ctx.dtype, device=ctx.device).expand(ctx.shape)
-        return torch.ops.aten.max_pool2d_with_indices_backward(
-            grad, stand_in, _K, _K, _PAD, _DIL, False, indices)
+        (codes,) = ctx.saved_tensors
+        return _Scatter.apply(grad, codes, ctx.shape, ctx.dtype), None
 
 
-def max_pool2x2(x: torch.Tensor) -> torch.Tensor:
-    """F.max_pool2d(x, 2) for NCHW-contiguous x, without saving x; other layouts go to torch."""
+class _Scatter(torch.autograd.Function):
+    """The pool's backward: each output's gradient to its window's maximum."""
+
+    generate_vmap_rule = True
+
+    @staticmethod
+    def forward(grad, codes, shape, dtype):
+        return _scatter(grad, codes, shape, dtype)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output) -> None:
+        _, codes, _, _ = inputs
+        ctx.save_for_backward(codes)
+
+    @staticmethod
+    def backward(ctx, gg: torch.Tensor):
+        (codes,) = ctx.saved_tensors
+        return _Gather.apply(gg, codes), None, None, None
+
+
+class _Gather(torch.autograd.Function):
+    """The scatter's derivative: each window's maximum position read out."""
+
+    generate_vmap_rule = True
+
+    @staticmethod
+    def forward(x, codes):
+        return _gather(x, codes)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output) -> None:
+        x, codes = inputs
+        ctx.save_for_backward(codes)
+        ctx.shape, ctx.dtype = x.shape, x.dtype
+
+    @staticmethod
+    def backward(ctx, g: torch.Tensor):
+        (codes,) = ctx.saved_tensors
+        return _Scatter.apply(g, codes, ctx.shape, ctx.dtype), None
+
+
+def max_pool2x2(x: torch.Tensor, compact: bool = False) -> torch.Tensor:
+    """F.max_pool2d(x, 2) for NCHW-contiguous x, saving torch's int64 indices for the backward,
+    or with `compact` one byte per output: for graphs that live long (second-order support
+    passes); rebuilding the indices costs each backward a pass (75 x 48 x 42 x 42: 9 ms, 8% of
+    the pool's forward and backward), which passes whose graph dies with them need not pay.
+    Other layouts go to torch."""
     if x.dim() == 4 and x.is_contiguous():
-        return _MaxPool2x2.apply(x)[0] if x.requires_grad else _pool_with_indices(x)[0]
+        if x.requires_grad:
+            return _MaxPool2x2.apply(x, compact)[0]
+        return _pool(x, "none")[0]
     return torch.nn.functional.max_pool2d(x, 2)

@@ -154,7 +154,7 @@ def forward(
             x = F.batch_norm(x, None, None, w, b, training=True, eps=BN_EPS)
         # max-pool before LeakyReLU: equal values and gradients (LeakyReLU is increasing, so it
         # keeps each window's first maximum), with the activation on a quarter of the elements
-        x = F.leaky_relu(max_pool2x2(x), LEAK)
+        x = F.leaky_relu(max_pool2x2(x, compact=lean_second_order), LEAK)
     logits = F.linear(x.flatten(1), adapted["linear.weight"], adapted["linear.bias"])
     return logits, stats
 
