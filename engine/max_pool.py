@@ -1,14 +1,16 @@
-"""2x2 max-pool that keeps one byte per output for the backward.
+"""2x2 max-pool that does not keep its input for the backward.
 
 `F.max_pool2d` saves its input for the backward, although the backward only needs where each
 window's maximum was. In second-order MAML every support pass's graph lives until the
 meta-gradient is taken, so on mini-ImageNet that is a needless 34 MB per inner step and task
-(25 x 48 x 84 x 84 float32, the batch-norm output); torch's int64 indices would still be 17 MB,
-and the backward's own graph (second order) keeps them again. Asked to (`compact`), this pool
-saves each maximum's offset from its window's top-left element instead (0, 1, W or W + 1: one
-uint8 while W < 255) and rebuilds the indices for torch's kernels when a backward needs them;
-the backward and its derivative, a gather, are autograd Functions of each other, so no order
-of derivative keeps more than the offsets.
+(25 x 48 x 84 x 84 float32, the batch-norm output). `max_pool2x2` saves torch's int64 indices
+alone. `pool(x, "codes")` gives each maximum's offset from its window's top-left element
+instead (0, 1, W or W + 1: one byte while W < 255, a further 8x less), for the graphs that live
+longest (engine/batch_norm.py's `batch_norm_pool`, second-order support passes); the indices
+are rebuilt for torch's kernels when a backward needs them, which costs such a backward a pass
+(75 x 48 x 42 x 42: 9 ms, 8% of the pool's forward and backward) that passes whose graph dies
+with them need not pay. The backward (`scatter`) and its derivative (`gather`) are autograd
+Functions of each other, so no order of derivative keeps more than the offsets or indices.
 
 On the CPU the forward pools a channels-last copy: torch's NCHW max-pool kernel is not
 vectorised and took 20% of a miniimagenet-5w5s second-order step (55 ms for 25 x 48 x 84 x 84
@@ -47,7 +49,7 @@ def _decode(codes: torch.Tensor, shape: torch.Size) -> torch.Tensor:
     return _window_starts(shape, codes.device) + codes
 
 
-def _pool(x: torch.Tensor, where: str) -> tuple[torch.Tensor, torch.Tensor | None]:
+def pool(x: torch.Tensor, where: str) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Values (NCHW) of the 2x2 pool of NCHW-contiguous x and where its maxima were: "codes"
     (one byte each), "indices" (torch's int64) or "none"."""
     if x.device.type == "cpu" and not is_batchedtensor(x):
@@ -61,14 +63,14 @@ def _pool(x: torch.Tensor, where: str) -> tuple[torch.Tensor, torch.Tensor | Non
                               else indices.contiguous())
 
 
-def _scatter(grad: torch.Tensor, codes: torch.Tensor, shape: torch.Size, dtype: torch.dtype):
+def scatter(grad: torch.Tensor, codes: torch.Tensor, shape: torch.Size, dtype: torch.dtype):
     # the kernel reads only the shape (and layout) of its `self`: a zero-stride stand-in
     stand_in = torch.zeros((), dtype=dtype, device=grad.device).expand(shape)
     return torch.ops.aten.max_pool2d_with_indices_backward(
         grad, stand_in, _K, _K, _PAD, _DIL, False, _decode(codes, shape))
 
 
-def _gather(x: torch.Tensor, codes: torch.Tensor) -> torch.Tensor:
+def gather(x: torch.Tensor, codes: torch.Tensor) -> torch.Tensor:
     n, c = x.shape[0], x.shape[1]
     indices = _decode(codes, x.shape).reshape(n, c, -1)
     return x.reshape(n, c, -1).gather(2, indices).view(codes.shape)
@@ -78,20 +80,20 @@ class _MaxPool2x2(torch.autograd.Function):
     generate_vmap_rule = True
 
     @staticmethod
-    def forward(x: torch.Tensor, compact: bool) -> tuple[torch.Tensor, torch.Tensor]:
-        return _pool(x, "codes" if compact else "indices")
+    def forward(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return pool(x, "indices")
 
     @staticmethod
     def setup_context(ctx, inputs, output) -> None:
-        x, _ = inputs
+        (x,) = inputs
         ctx.mark_non_differentiable(output[1])
         ctx.save_for_backward(output[1])
         ctx.shape, ctx.dtype = x.shape, x.dtype
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor, _: torch.Tensor) -> torch.Tensor:
-        (codes,) = ctx.saved_tensors
-        return _Scatter.apply(grad, codes, ctx.shape, ctx.dtype), None
+        (indices,) = ctx.saved_tensors
+        return _Scatter.apply(grad, indices, ctx.shape, ctx.dtype)
 
 
 class _Scatter(torch.autograd.Function):
@@ -101,7 +103,7 @@ class _Scatter(torch.autograd.Function):
 
     @staticmethod
     def forward(grad, codes, shape, dtype):
-        return _scatter(grad, codes, shape, dtype)
+        return scatter(grad, codes, shape, dtype)
 
     @staticmethod
     def setup_context(ctx, inputs, output) -> None:
@@ -121,7 +123,7 @@ class _Gather(torch.autograd.Function):
 
     @staticmethod
     def forward(x, codes):
-        return _gather(x, codes)
+        return gather(x, codes)
 
     @staticmethod
     def setup_context(ctx, inputs, output) -> None:
@@ -135,14 +137,10 @@ class _Gather(torch.autograd.Function):
         return _Scatter.apply(g, codes, ctx.shape, ctx.dtype), None
 
 
-def max_pool2x2(x: torch.Tensor, compact: bool = False) -> torch.Tensor:
-    """F.max_pool2d(x, 2) for NCHW-contiguous x, saving torch's int64 indices for the backward,
-    or with `compact` one byte per output: for graphs that live long (second-order support
-    passes); rebuilding the indices costs each backward a pass (75 x 48 x 42 x 42: 9 ms, 8% of
-    the pool's forward and backward), which passes whose graph dies with them need not pay.
-    Other layouts go to torch."""
+def max_pool2x2(x: torch.Tensor) -> torch.Tensor:
+    """F.max_pool2d(x, 2) for NCHW-contiguous x, saving torch's int64 indices and not x for the
+    backward; other layouts go to torch. (Second-order support passes pool inside
+    engine/batch_norm.py's `batch_norm_pool`, with one-byte offsets.)"""
     if x.dim() == 4 and x.is_contiguous():
-        if x.requires_grad:
-            return _MaxPool2x2.apply(x, compact)[0]
-        return _pool(x, "none")[0]
+        return _MaxPool2x2.apply(x)[0] if x.requires_grad else pool(x, "none")[0]
     return torch.nn.functional.max_pool2d(x, 2)

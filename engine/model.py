@@ -17,7 +17,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from engine.batch_norm import batch_norm_train
+from engine.batch_norm import batch_norm_pool, batch_norm_train
 from engine.config import Config
 from engine.max_pool import max_pool2x2
 
@@ -120,14 +120,16 @@ def forward(
     With `running` given, normalise with that step's running set (evaluation with
     bn_eval_stats = "running"); otherwise with the batch's own statistics. With `track`, also
     return each stage's detached batch mean and unbiased variance for the running-set update.
-    `lean_second_order` (plain autograd only, not under torch.func) takes batch-norm's second
-    derivative from engine/batch_norm.py instead of torch's. `stats_out` ([stages, 2, filters],
-    plain autograd only) receives the tracked statistics instead of the returned list, so that
-    no tensor created mid-pass outlives it (see engine/inner_loop.py, `_PassOutputs`).
+    `lean_second_order` (plain autograd only, not under torch.func) takes batch norm and the
+    max-pool after it from engine/batch_norm.py: a second derivative that costs a fraction of
+    torch's, and a graph that keeps a quarter of the pooled layer's gradient. `stats_out`
+    ([stages, 2, filters], plain autograd only) receives the tracked statistics instead of the
+    returned list, so that no tensor created mid-pass outlives it (engine/inner_loop.py, `_Kept`).
     """
     stats: BatchStats = []
     stages = len(bn) // 2
     for i in range(stages):
+        pooled = False  # batch_norm_pool took the max-pool too
         x = F.conv2d(x, adapted[f"conv{i}.weight"], adapted[f"conv{i}.bias"], padding=1)
         w_bn, b_bn = bn[f"bn{i}.weight"], bn[f"bn{i}.bias"]
         w, b = w_bn[row(step, w_bn.shape[0])], b_bn[row(step, b_bn.shape[0])]
@@ -138,12 +140,15 @@ def forward(
         elif track or lean_second_order:
             # batch norm computes the batch mean and 1/sqrt(var + eps) anyway: reuse them
             # (a separate mean/var pass cost 10-20% of a step); running sets want unbiased var
-            if lean_second_order:
+            n = x.numel() // x.shape[1]
+            if lean_second_order and x.is_contiguous():
+                x, mean, invstd = batch_norm_pool(x, w, b, BN_EPS)
+                pooled = True
+            elif lean_second_order:
                 x, mean, invstd = batch_norm_train(x, w, b, BN_EPS)
             else:
                 x, mean, invstd = torch.native_batch_norm(x, w, b, None, None, True, 0.0, BN_EPS)
             if track:
-                n = x.numel() // x.shape[1]
                 var = (invstd.detach().pow(-2) - BN_EPS) * (n / (n - 1))
                 if stats_out is None:
                     stats.append((mean.detach(), var))
@@ -154,7 +159,7 @@ def forward(
             x = F.batch_norm(x, None, None, w, b, training=True, eps=BN_EPS)
         # max-pool before LeakyReLU: equal values and gradients (LeakyReLU is increasing, so it
         # keeps each window's first maximum), with the activation on a quarter of the elements
-        x = F.leaky_relu(max_pool2x2(x, compact=lean_second_order), LEAK)
+        x = F.leaky_relu(x if pooled else max_pool2x2(x), LEAK)
     logits = F.linear(x.flatten(1), adapted["linear.weight"], adapted["linear.bias"])
     return logits, stats
 

@@ -5,7 +5,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from engine.batch_norm import batch_norm_train
+from engine.batch_norm import batch_norm_pool, batch_norm_train
 
 EPS = 1e-5
 
@@ -87,3 +87,47 @@ def test_finite_differences():
     e[1] = h
     fd = (first(x, w + e) - first(x, w - e)) / (2 * h)
     assert abs(fd.item() - dw[1].item()) < 1e-5 * max(1.0, abs(fd.item()))
+
+
+def _saved(root: torch.Tensor) -> list[torch.Tensor]:
+    """Tensors the custom autograd Functions of root's graph keep."""
+    saved, seen, stack = [], set(), [root.grad_fn]
+    while stack:
+        node = stack.pop()
+        if node is None or node in seen:
+            continue
+        seen.add(node)
+        saved += [t for t in getattr(node, "saved_tensors", ()) if isinstance(t, torch.Tensor)]
+        stack += [n for n, _ in node.next_functions]
+    return saved
+
+
+@pytest.mark.parametrize("shape", [(5, 4, 6, 6), (3, 3, 5, 7), (2, 2, 4, 300)])
+def test_batch_norm_pool_matches_torch_to_second_order(shape):
+    """batch_norm_pool against F.batch_norm then F.max_pool2d: values, statistics, first and
+    second derivatives; and its second-order graph keeps one full-size tensor (the input), the
+    pooled gradient and one-byte offsets, not the full-size gradient at the batch-norm output."""
+    g = torch.Generator().manual_seed(sum(shape))
+    x = (torch.randn(shape, generator=g, dtype=torch.float64) * 3 + 1).requires_grad_()
+    w = torch.randn(shape[1], generator=g, dtype=torch.float64, requires_grad=True)
+    b = torch.randn(shape[1], generator=g, dtype=torch.float64, requires_grad=True)
+    pooled = (shape[0], shape[1], shape[2] // 2, shape[3] // 2)
+    r = torch.randn(pooled, generator=g, dtype=torch.float64)
+    y_ref, first_ref, second_ref = _second_derivatives(
+        lambda *a: F.max_pool2d(_torch_bn(*a), 2), x, w, b, r)
+    y, first, second = _second_derivatives(lambda *a: batch_norm_pool(*a, EPS)[0], x, w, b, r)
+    torch.testing.assert_close(y, y_ref, rtol=0, atol=1e-12)
+    for a, e in zip(first + second, first_ref + second_ref, strict=True):
+        torch.testing.assert_close(a, e, rtol=1e-10, atol=1e-10)
+    _, mean, invstd = batch_norm_pool(x, w, b, EPS)
+    torch.testing.assert_close(mean, x.mean((0, 2, 3)))
+    torch.testing.assert_close(invstd, (x.var((0, 2, 3), unbiased=False) + EPS).rsqrt())
+
+    y, _, _ = batch_norm_pool(x, w, b, EPS)
+    (gx,) = torch.autograd.grad((y * r).sum() + (y ** 3).sum(), x, create_graph=True)
+    saved = _saved(gx)
+    full = {t.untyped_storage().data_ptr() for t in saved if t.shape == x.shape}
+    assert full == {x.untyped_storage().data_ptr()}
+    offsets = [t for t in saved if t.shape == pooled and not t.is_floating_point()]
+    assert offsets and {t.dtype for t in offsets} == {
+        torch.uint8 if shape[-1] < 255 else torch.int64}
