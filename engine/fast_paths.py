@@ -21,6 +21,8 @@ The choices come from measurements (benchmarks/results/, README "Speed"), not as
   threads: that made omniglot-5w1s 11% faster (12 rounds interleaved), while with one task at
   a time it made miniimagenet-5w5s 10% slower and omniglot-20w5s -8% to +5% (3 rounds each).
   Off on CUDA until measured there (run_gpu.sh does).
+- shared_arena: on CPU for images over SMALL_IMAGE px: task threads then reuse the training
+  heap instead of each keeping an arena of its own (engine/allocator.py).
 - precision: float32 on CPU (bf16 autocast wrecked second-order gradients there); on CUDA "tf32"
   (TF32 convs are torch's own default; this extends it to matmuls) until run_gpu.sh says more.
 """
@@ -59,6 +61,7 @@ class FastPaths:
     channels_last: str  # never | first_order | always
     query_channels_last_second_order: bool  # auto on CPU, small images
     precision: str  # float32 | tf32 | bf16
+    shared_arena: bool = False  # CPU threads share glibc's main arena (engine/allocator.py)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -111,4 +114,5 @@ def fast_paths(config: Config, device: torch.device) -> FastPaths:
         query_channels_last_second_order=(t.channels_last == "auto" and cpu
                                           and auto_second > 1),
         precision=precision,
+        shared_arena=cpu and not small,
     )

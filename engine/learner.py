@@ -77,7 +77,7 @@ class MetaLearner:
         self.paths.apply_global(self.device)
         self.impl = self.paths.impl
         if self.device.type == "cpu":
-            retain_freed_memory()
+            retain_freed_memory(shared_arena=self.paths.shared_arena)
         t, p = config.train, config.maml_pp
         generator = torch.Generator().manual_seed(t.seed)
 

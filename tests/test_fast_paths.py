@@ -133,6 +133,7 @@ def test_auto_resolves_per_device(four_torch_threads):
     assert second_order_task_bytes(mini) * 2 > SECOND_ORDER_BUDGET  # two would not fit
     assert big.task_threads_second_order == 1 and big.task_threads == torch.get_num_threads()
     assert big.layout_for(second_order=True) == (False, False)  # 84 px: all NCHW
+    assert big.shared_arena and not cpu.shared_arena and not cuda.shared_arena
     big_omniglot = fast_paths(resolve("omniglot-20w5s"), torch.device("cpu"))
     assert big_omniglot.task_threads_second_order == 1  # 1.2 GB estimated per task: one fits
     assert big_omniglot.layout_for(second_order=True) == (False, False)  # one task: all NCHW
@@ -167,3 +168,34 @@ def test_retained_memory_is_reused_without_page_faults():
               for mode in ("default", "retain")}
     assert faults["retain"] < faults["default"] / 3
 
+
+
+_ARENAS = """
+import ctypes, os, sys, tempfile, threading, torch
+from engine.allocator import retain_freed_memory
+assert retain_freed_memory(shared_arena=sys.argv[1] == "shared")
+libc = ctypes.CDLL("libc.so.6")
+libc.fopen.restype = ctypes.c_void_p
+def arenas():  # glibc's own report: one <heap> element per arena
+    path = os.path.join(tempfile.mkdtemp(), "info.xml")
+    f = ctypes.c_void_p(libc.fopen(path.encode(), b"w"))
+    libc.malloc_info(0, f)
+    libc.fclose(f)
+    return open(path).read().count("<heap nr=")
+torch.empty(10).fill_(1)
+before = arenas()
+thread = threading.Thread(target=lambda: torch.empty(10 * 2**20).fill_(1))
+thread.start()
+thread.join()
+print(arenas() - before)
+"""
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc malloc only")
+def test_shared_arena_keeps_task_threads_in_the_main_heap():
+    """With the shared arena a new thread allocates from the main heap (so it reuses what
+    training freed); without, glibc gives it an arena of its own, which keeps its own peak."""
+    new = {mode: int(subprocess.run([sys.executable, "-c", _ARENAS, mode], check=True,
+                                    capture_output=True, text=True).stdout.split()[-1])
+           for mode in ("separate", "shared")}
+    assert new["shared"] == 0 < new["separate"], new
