@@ -53,7 +53,11 @@ def test_loss_matches_reference_forward():
     assert abs(loss - ref.item()) < 1e-12 * abs(ref.item())
 
 
-def test_second_order_gradient_matches_finite_differences():
+@pytest.mark.parametrize("fused_pool_min", [0, 2**40], ids=["bn-pool-fused", "bn-pool-apart"])
+def test_second_order_gradient_matches_finite_differences(fused_pool_min, monkeypatch):
+    """Both ways a second-order support pass can run batch norm and the max-pool (fused above
+    model.FUSED_POOL_MIN elements, apart below) give the reference's meta-gradient."""
+    monkeypatch.setattr("engine.model.FUSED_POOL_MIN", fused_pool_min)
     cfg, learner, batch = _setup()
     w = msl_weights(1, 3, cfg.maml_pp.msl_epochs)
     learner.meta_loss(batch, w, second_order=True)
