@@ -19,15 +19,12 @@ import shutil
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-import numpy as np  # noqa: E402
-
-SPLITS = {"train": (64, 600), "val": (16, 600), "test": (20, 600)}
+from synthetic_cache import IMAGES, write_miniimagenet  # noqa: E402
 
 _PROBE = """
 import json, sys, time, resource
@@ -62,7 +59,6 @@ def _drop_caches() -> bool:
 
 def main(argv: list[str] | None = None) -> int:
     from engine.bench import write_report
-    from engine.data.cache import CacheWriter
 
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--root", type=Path, default=None, help="folder for the temporary cache")
@@ -70,17 +66,7 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     root = Path(tempfile.mkdtemp(prefix="mamlpp-cache-bench-", dir=args.root))
     try:
-        t0 = time.perf_counter()
-        rng = np.random.default_rng(0)
-        with CacheWriter("miniimagenet", SPLITS, (3, 84, 84), root) as writer:
-            for split, (classes, per_class) in SPLITS.items():
-                for c in range(classes):
-                    writer.write(split, c, 0, rng.integers(0, 256, (per_class, 3, 84, 84),
-                                                           dtype=np.uint8))
-            writer.commit({"pixel_max": 255, "normalize": {"mean": [0.485, 0.456, 0.406],
-                                                           "std": [0.229, 0.224, 0.225]},
-                           "train_augment": None, "source": {"kind": "synthetic"}})
-        write_s = time.perf_counter() - t0
+        write_s = write_miniimagenet(root)
         runs = {}
         for label in ("cold", "warm"):
             dropped = _drop_caches() if label == "cold" else False
@@ -92,7 +78,7 @@ def main(argv: list[str] | None = None) -> int:
         shutil.rmtree(root, ignore_errors=True)
     report = {"schema": "mamlpp-cache-load/1",
               "created": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
-              "images": sum(c * k for c, k in SPLITS.values()), "write_s": write_s, **runs}
+              "images": IMAGES, "write_s": write_s, **runs}
     out = args.out or ROOT / "benchmarks" / "results" / (
         f"cache-load-{dt.date.today().isoformat()}.json")
     write_report(report, out)
