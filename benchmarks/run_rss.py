@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import datetime as dt
 import os
+import resource
 import shutil
 import subprocess
 import sys
@@ -31,20 +32,9 @@ sys.path.insert(0, str(ROOT))
 
 from synthetic_cache import write_miniimagenet  # noqa: E402
 
+from engine.bench import device_info, proc_status, write_report  # noqa: E402
+
 GIB = 2**30
-
-
-def _status(pid: int) -> dict[str, int]:
-    out = {}
-    try:
-        with open(f"/proc/{pid}/status") as f:
-            for line in f:
-                key, _, value = line.partition(":")
-                if key in ("VmRSS", "RssAnon", "RssFile", "VmHWM"):
-                    out[key] = int(value.split()[0]) * 1024
-    except OSError:
-        pass
-    return out
 
 
 def _descendants(pid: int) -> list[int]:
@@ -75,12 +65,12 @@ def run(home: Path, iters: int, eval_tasks: int) -> dict:
     def sample() -> None:
         while not done.is_set():
             for pid in [proc.pid, *_descendants(proc.pid)]:
-                s = _status(pid)
+                s = {k: proc_status(k, pid) or 0 for k in peak}
                 for k in peak:
-                    peak[k] = max(peak[k], s.get(k, 0))
-                if pid == proc.pid and s:
+                    peak[k] = max(peak[k], s[k])
+                if pid == proc.pid and s["VmRSS"]:
                     timeline.append((round(time.perf_counter() - t0, 2),
-                                     round(s.get("VmRSS", 0) / GIB, 3)))
+                                     round(s["VmRSS"] / GIB, 3)))
             time.sleep(0.05)
 
     sampler = threading.Thread(target=sample, daemon=True)
@@ -88,7 +78,6 @@ def run(home: Path, iters: int, eval_tasks: int) -> dict:
     output = proc.communicate()[0]
     done.set()
     sampler.join()
-    import resource
     hwm = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * 1024
     return {"command": "mamlpp " + " ".join(cmd[3:]), "returncode": proc.returncode,
             "wall_s": time.perf_counter() - t0, "peak_rss_gib": hwm / GIB,
@@ -97,8 +86,6 @@ def run(home: Path, iters: int, eval_tasks: int) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from engine.bench import device_info, write_report
-
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--iters", type=int, default=8, help="meta-iterations of the run")
     ap.add_argument("--eval-tasks", type=int, default=20, help="validation and test tasks")

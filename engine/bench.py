@@ -172,9 +172,10 @@ def matmul_throughput(device_name: str, n: int | None = None, reps: int | None =
 # ---- memory -------------------------------------------------------------------------------
 
 
-def _proc_status(key: str) -> int | None:
+def proc_status(key: str, pid: int | str = "self") -> int | None:
+    """Bytes of a /proc/PID/status memory field (VmRSS, VmHWM, RssAnon, ...); None if absent."""
     try:
-        with open("/proc/self/status") as f:
+        with open(f"/proc/{pid}/status") as f:
             for line in f:
                 if line.startswith(key + ":"):
                     return int(line.split()[1]) * 1024
@@ -184,7 +185,7 @@ def _proc_status(key: str) -> int | None:
 
 
 def current_rss() -> int:
-    rss = _proc_status("VmRSS")
+    rss = proc_status("VmRSS")
     if rss is not None:
         return rss
     return psutil.Process().memory_info().rss
@@ -203,7 +204,7 @@ class PeakMemory:
         try:  # Linux >= 4.0: "5" resets the peak RSS (VmHWM) to the current RSS
             with open("/proc/self/clear_refs", "w") as f:
                 f.write("5")
-            self.resettable = _proc_status("VmHWM") is not None
+            self.resettable = proc_status("VmHWM") is not None
         except OSError:
             self.resettable = False
         if self.device.type == "cuda":
@@ -212,7 +213,7 @@ class PeakMemory:
 
     def read(self) -> dict[str, Any]:
         if self.resettable:
-            peak, method = _proc_status("VmHWM"), "VmHWM since phase start"
+            peak, method = proc_status("VmHWM"), "VmHWM since phase start"
         else:  # whole-process peak so far (Linux reports KiB, macOS bytes)
             scale = 1 if sys.platform == "darwin" else 1024
             peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * scale
@@ -310,7 +311,7 @@ def _one_task_thread(learner):
 
 
 def count_step_flops(learner, batch, weights: list[float], second_order: bool) -> int:
-    """FLOPs of one meta-update (meta_loss + outer_step); performs the update."""
+    """FLOPs of one meta-update (`learner.update`); performs the update."""
     counter = FlopCounterMode(display=False)
     with _one_task_thread(learner), counter:
         _update(learner, batch, weights, second_order)
