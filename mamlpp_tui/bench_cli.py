@@ -13,6 +13,7 @@ from pathlib import Path
 import typer
 
 from engine.errors import UserError
+from mamlpp_tui.options import Device
 
 
 def _choices(value: str, allowed: tuple[str, str], option: str) -> list[str]:
@@ -82,7 +83,7 @@ def bench(
         "all", "--impl",
         help="auto (the engine's default path), plain (per-task loop, no task threads or "
              "channels-last), loop, vmap; comma-separated, both (loop,vmap) or all."),
-    device: str = typer.Option("auto", "--device", help="auto, cpu or cuda."),
+    device: Device = "auto",
     order: str = typer.Option("both", "--order", help="first, second or both."),
     iters: int = typer.Option(None, "--iters", min=1,
                               help="Timed iterations per phase (default 3 for mini-ImageNet, "

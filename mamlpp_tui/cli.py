@@ -13,6 +13,7 @@ from rich.table import Table
 
 from engine.errors import UserError
 from mamlpp_tui.data_cli import data_app
+from mamlpp_tui.options import Device
 
 app = typer.Typer(
     help="MAML++ few-shot training: run, resume, watch and evaluate runs.",
@@ -126,7 +127,7 @@ def run(
     config: Path = typer.Option(None, "--config", "-c", help="A config TOML file."),
     set_: list[str] = typer.Option([], "--set", "-s", help="Override: section.key=value."),
     name: str = typer.Option(None, "--name", help="Run name (the run id starts with it)."),
-    device: str = typer.Option("auto", "--device", help="auto, cpu or cuda."),
+    device: Device = "auto",
     detach: bool = typer.Option(False, "--detach", help="Print the run id and return."),
     no_tui: bool = typer.Option(False, "--no-tui", help="Train in the foreground."),
 ) -> None:
@@ -149,7 +150,7 @@ def run(
 @app.command()
 def resume(
     run_ref: str = typer.Argument(..., metavar="RUN", help="Run id or unique prefix."),
-    device: str = typer.Option("auto", "--device", help="auto, cpu or cuda."),
+    device: Device = "auto",
     detach: bool = typer.Option(False, "--detach", help="Print the run id and return."),
     no_tui: bool = typer.Option(False, "--no-tui", help="Train in the foreground."),
 ) -> None:
@@ -182,7 +183,7 @@ def ensemble_cmd(
     run_ref: str = typer.Argument(..., metavar="RUN", help="Run id or unique prefix."),
     top_k: int = typer.Option(None, "--top-k", min=1, help="Members (default: the config's)."),
     tasks: int = typer.Option(None, "--tasks", min=1, help="Test tasks (default eval.test_tasks)."),
-    device: str = typer.Option("auto", "--device", help="auto, cpu or cuda."),
+    device: Device = "auto",
     as_json: bool = typer.Option(False, "--json", help="Machine-readable output."),
 ) -> None:
     """Evaluate the top-k validation epochs on fixed test tasks and average their logits."""
@@ -277,10 +278,33 @@ def watch(run_ref: str = typer.Argument(..., metavar="RUN")) -> None:
 app.command("bench")(__import__("mamlpp_tui.bench_cli", fromlist=["bench"]).bench)
 
 
-def main() -> None:
-    """Entry point: run the Typer app, turning user errors into one clear line."""
+def _click_error(e: BaseException) -> tuple[str, int] | None:
+    """(one-line message, exit code) for the command-line parser's own errors, else None.
+
+    Typer raised click's exceptions up to 0.28 and raises its vendored copy of them from 0.29
+    (which no longer installs click), so they are recognised by their shape rather than their
+    class: a usage error has `format_message()` and `exit_code`, Abort is Ctrl-C at a prompt."""
+    names = {c.__name__ for c in type(e).__mro__}
+    if "Abort" in names:
+        return "aborted", 1
+    if "NoArgsIsHelpError" in names:  # a bare group: its help is the answer, already printed
+        return "", 0
+    if "ClickException" not in names or not hasattr(e, "format_message"):
+        return None
+    message = " ".join(str(e.format_message()).split())
+    ctx = getattr(e, "ctx", None)
+    if "UsageError" in names:
+        where = getattr(ctx, "command_path", None) or "mamlpp"
+        return f"{message.rstrip('.')}; see `{where} --help`.", 2
+    return message, int(getattr(e, "exit_code", 1) or 1)
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Entry point: run the Typer app; user errors and usage errors become one line on stderr
+    and exit code 2, never a traceback."""
     try:
-        app(standalone_mode=False)
+        code = typer.main.get_command(app).main(args=argv, prog_name="mamlpp",
+                                                  standalone_mode=False)
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
@@ -289,12 +313,12 @@ def main() -> None:
         sys.exit(130)
     except SystemExit:
         raise
-    except Exception as e:  # click usage errors etc.
-        import click
-
-        if isinstance(e, click.exceptions.Abort):
-            sys.exit(1)
-        if isinstance(e, click.ClickException):
-            print(f"error: {e.format_message()}", file=sys.stderr)
-            sys.exit(e.exit_code)
-        raise
+    except Exception as e:
+        found = _click_error(e)
+        if found is None:
+            raise
+        message, code = found
+        if message:
+            print(f"error: {message}", file=sys.stderr)
+        sys.exit(code)
+    sys.exit(code if isinstance(code, int) else 0)
