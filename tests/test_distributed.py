@@ -140,4 +140,3 @@ def test_task_shares_cover_the_meta_batch_in_order():
             shares = [World(r, size).share(10, count) for r in range(size)]
             covered = [t for first, n in shares for t in range(first, first + n)]
             assert covered == list(range(10, 10 + count))
-    assert torch.distributed.is_available()
