@@ -2,7 +2,10 @@
 
 ```
 <data root>/<name>/images.safetensors   uint8 tensors "train", "val", "test",
-                                        each [n_classes, per_class, C, H, W]
+                                        each [n_classes, per_class, C, H, W], or, when the
+                                        classes of a split have different numbers of images
+                                        (folder imports), [images, C, H, W] class after class
+                                        with the per-class `counts` in the manifest
 <data root>/<name>/manifest.json        class names, counts, source, image shape, content hash
 ```
 
@@ -70,6 +73,8 @@ class FewShotDataset:
     class_names: dict[str, list[str]]
     manifest: dict[str, Any] = field(default_factory=dict)
     path: Path | None = None
+    # split -> images per class, for splits stored as [images, C, H, W] (varying counts)
+    class_counts: dict[str, list[int]] = field(default_factory=dict)
 
     @property
     def image_shape(self) -> tuple[int, int, int]:
@@ -95,8 +100,16 @@ class FewShotDataset:
         return self.splits[split]
 
     def counts(self) -> dict[str, dict[str, int]]:
-        return {s: {"classes": int(x.shape[0]), "per_class": int(x.shape[1]),
-                    "images": int(x.shape[0] * x.shape[1])} for s, x in self.splits.items()}
+        out = {}
+        for s, x in self.splits.items():
+            n = self.class_counts.get(s)
+            if n is None:
+                out[s] = {"classes": int(x.shape[0]), "per_class": int(x.shape[1]),
+                          "images": int(x.shape[0] * x.shape[1])}
+            else:
+                out[s] = {"classes": len(n), "per_class": min(n), "per_class_max": max(n),
+                          "images": sum(n)}
+        return out
 
 
 def _damaged(name: str, where: Path, why: str) -> UserError:
@@ -157,18 +170,25 @@ def load_cached(name: str, root: Path | None = None, verify: bool = False) -> Fe
     except (SafetensorError, OSError, ValueError) as e:
         raise _damaged(name, folder, f"{tpath.name} cannot be read: {e}") from None
     shape = tuple(manifest["image_shape"])
-    splits, names = {}, {}
+    splits, names, class_counts = {}, {}, {}
     for split, info in manifest["splits"].items():
         x = tensors.get(split)
         want = (info["classes"], info["per_class"], *shape)
+        if info.get("counts") is not None:  # varying images per class
+            counts = [int(n) for n in info["counts"]]
+            if len(counts) != info["classes"]:
+                raise _damaged(name, folder, f"split {split} lists {len(counts)} class counts "
+                                             f"for {info['classes']} classes")
+            class_counts[split] = counts
+            want = (sum(counts), *shape)
         if x is None or tuple(x.shape) != want or x.dtype != torch.uint8:
             got = None if x is None else (tuple(x.shape), str(x.dtype))
             raise _damaged(name, folder, f"split {split} is {got}, expected uint8 {want}")
         splits[split] = x
-        names[split] = list(info.get("class_names") or [str(i) for i in range(x.shape[0])])
+        names[split] = list(info.get("class_names") or [str(i) for i in range(info["classes"])])
     if verify and content_sha256(tpath, _data_offset(tpath)) != manifest.get("content_sha256"):
         raise _damaged(name, folder, "content hash mismatch")
-    return FewShotDataset(name, splits, names, manifest, folder)
+    return FewShotDataset(name, splits, names, manifest, folder, class_counts)
 
 
 def list_cached(root: Path | None = None) -> list[dict[str, Any]]:
@@ -204,14 +224,26 @@ class CacheWriter:
         w.write("train", class_index, image_index, pixels)   # uint8 [C,H,W] or [k,C,H,W]
         w.commit(manifest_fields)                             # returns the final folder
     Leaving the block without `commit` (an error) removes everything written.
+    A split given as a list of per-class image counts instead of (classes, per_class) is
+    stored as [images, C, H, W] with the counts in the manifest.
     """
 
-    def __init__(self, name: str, splits: dict[str, tuple[int, int]],
+    def __init__(self, name: str, splits: dict[str, tuple[int, int] | list[int]],
                  image_shape: tuple[int, int, int], root: Path | None = None) -> None:
         self.name = name
         self.root = resolve_root(root)
         self.shape = tuple(int(v) for v in image_shape)
-        self.splits = {s: (int(c), int(k)) for s, (c, k) in splits.items()}
+        self.counts: dict[str, list[int]] = {}  # splits with varying images per class
+        self.class_offsets: dict[str, list[int]] = {}
+        for s, spec in splits.items():
+            if isinstance(spec, list):
+                self.counts[s] = [int(n) for n in spec]
+                offsets = [0]
+                for n in self.counts[s][:-1]:
+                    offsets.append(offsets[-1] + n)
+                self.class_offsets[s] = offsets
+        self.splits = {s: ((len(spec), min(spec, default=0)) if isinstance(spec, list)
+                           else (int(spec[0]), int(spec[1]))) for s, spec in splits.items()}
         self.image_bytes = int(np.prod(self.shape))
         self.tmp: Path | None = None
         self.fd: int | None = None
@@ -223,9 +255,11 @@ class CacheWriter:
             if classes < 1 or per_class < 1:
                 raise UserError(f"The {split} split of {name} would be empty "
                                 f"({classes} classes x {per_class} images).")
-            n = classes * per_class * self.image_bytes
-            header[split] = {"dtype": "U8", "shape": [classes, per_class, *self.shape],
-                             "data_offsets": [offset, offset + n]}
+            images = sum(self.counts[split]) if split in self.counts else classes * per_class
+            n = images * self.image_bytes
+            shape = ([images, *self.shape] if split in self.counts
+                     else [classes, per_class, *self.shape])
+            header[split] = {"dtype": "U8", "shape": shape, "data_offsets": [offset, offset + n]}
             self.offsets[split] = offset
             offset += n
         header["__metadata__"] = {"format": FORMAT}
@@ -287,10 +321,15 @@ class CacheWriter:
         classes, per_class = self.splits[split]
         a = np.ascontiguousarray(pixels, dtype=np.uint8)
         k = 1 if a.ndim == len(self.shape) else a.shape[0]
+        if split in self.counts and 0 <= class_index < classes:
+            per_class = self.counts[split][class_index]
         if tuple(a.shape[-3:]) != self.shape or not (0 <= class_index < classes) \
                 or not (0 <= image_index and image_index + k <= per_class):
             raise ValueError(f"bad write {split}[{class_index}, {image_index}] {a.shape}")
-        index = class_index * per_class + image_index
+        if split in self.counts:
+            index = self.class_offsets[split][class_index] + image_index
+        else:
+            index = class_index * per_class + image_index
         pos = len(self.header) + self.offsets[split] + index * self.image_bytes
         view = memoryview(a).cast("B")
         while view:
@@ -320,6 +359,10 @@ class CacheWriter:
             names = list((fields.get("class_names") or {}).get(split) or [])
             splits[split] = {"classes": classes, "per_class": per_class,
                              "images": classes * per_class, "class_names": names}
+            if split in self.counts:
+                counts = self.counts[split]
+                splits[split].update(per_class_max=max(counts), images=sum(counts),
+                                     counts=counts)
         manifest.pop("class_names", None)
         manifest["splits"] = splits
         mpath = self.tmp / MANIFEST_FILE

@@ -15,6 +15,11 @@ From that generator, in this order:
    does not change which images a task has.
 Support and query are laid out class-major: y_support = [0]*shots + [1]*shots + ...
 
+Datasets whose classes have different numbers of images (folder imports) keep a split as one
+[images, C, H, W] tensor with per-class counts; classes with fewer than shots + queries images
+are left out of that split's tasks (`excluded`), and step 2 becomes, per drawn class c in
+order, `rand(count[c]).argsort()[:shots + queries]`.
+
 Images become float32 only here: uint8 / pixel_max, and for mini-ImageNet (x - mean) / std
 (computed as one multiply-add, x * 1/(255 std) - mean/std).
 """
@@ -60,32 +65,50 @@ class TaskSampler:
         self.seed = int(seed)
         self.device = torch.device(device)
         images = dataset.images(split)
-        n_classes, per_class = int(images.shape[0]), int(images.shape[1])
+        counts = dataset.class_counts.get(split)
+        self.excluded: list[str] = []  # classes too small for a task (varying counts only)
+        self._counts = self._offsets = None
+        if counts is None:
+            n_classes, per_class = int(images.shape[0]), int(images.shape[1])
+            self.image_shape = tuple(int(v) for v in images.shape[2:])
+            flat = images.reshape(n_classes * per_class, *self.image_shape)
+        else:
+            n_classes, per_class, flat = self._keep_large_enough(dataset, split, counts, images)
         if self.ways > n_classes:
             raise UserError(f"data.ways = {ways} needs at least {ways} classes, but the {split} "
-                            f"split of {dataset.name} has {n_classes}.")
+                            f"split of {dataset.name} has {n_classes}"
+                            + (f" with {self.shots + self.queries} images or more (data.shots + "
+                               "data.queries)." if counts is not None else "."))
         if self.shots + self.queries > per_class:
             raise UserError(f"data.shots + data.queries = {shots} + {queries} needs "
                             f"{shots + queries} images per class, but the {split} split of "
                             f"{dataset.name} has {per_class} per class.")
         self.n_classes, self.per_class = n_classes, per_class
-        self.image_shape = tuple(int(v) for v in images.shape[2:])
-        self.flat = images.reshape(n_classes * per_class, *self.image_shape).to(self.device)
+        self.flat = flat.to(self.device)
         if augment is None:
             augment = split == "train" and dataset.train_augment == "rot90"
         self.augment = bool(augment)
         self.pixel_max = dataset.pixel_max
-        norm = dataset.normalize
-        self._affine: tuple[torch.Tensor, torch.Tensor] | None = None
-        if norm is not None:  # (x / pixel_max - mean) / std as one multiply-add
-            c = self.image_shape[0]
-            mean = torch.tensor(norm[0], dtype=torch.float64).view(c, 1, 1)
-            std = torch.tensor(norm[1], dtype=torch.float64).view(c, 1, 1)
-            self._affine = ((1.0 / (self.pixel_max * std)).float().to(self.device),
-                            (-mean / std).float().to(self.device))
+        self._affine = pixel_affine(self.pixel_max, dataset.normalize, self.image_shape[0],
+                                    self.device)
         k = self.shots
         self._y_support = torch.arange(self.ways).repeat_interleave(k)
         self._y_query = torch.arange(self.ways).repeat_interleave(self.queries)
+
+    def _keep_large_enough(self, dataset: FewShotDataset, split: str, counts: list[int],
+                           images: torch.Tensor) -> tuple[int, int, torch.Tensor]:
+        """Varying images per class: the classes with at least shots + queries images."""
+        need = self.shots + self.queries
+        names = dataset.class_names.get(split) or [str(i) for i in range(len(counts))]
+        keep = [i for i, n in enumerate(counts) if n >= need]
+        self.excluded = [names[i] for i, n in enumerate(counts) if n < need]
+        offsets = [0]
+        for n in counts[:-1]:
+            offsets.append(offsets[-1] + n)
+        self._counts = [counts[i] for i in keep]
+        self._offsets = torch.tensor([offsets[i] for i in keep], dtype=torch.int64)
+        self.image_shape = tuple(int(v) for v in images.shape[1:])
+        return len(keep), min(self._counts, default=0), images
 
     # -- index generation ---------------------------------------------------------------------
     def task_indices(self, index: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -94,10 +117,20 @@ class TaskSampler:
             raise ValueError(f"task index must be >= 0 (got {index})")
         g = torch.Generator().manual_seed(task_seed(self.seed, self.split, index))
         classes = torch.randperm(self.n_classes, generator=g)[: self.ways]
-        picks = torch.rand(self.ways, self.per_class, generator=g).argsort(dim=1)
-        picks = picks[:, : self.shots + self.queries]
+        if self._counts is None:
+            picks = torch.rand(self.ways, self.per_class, generator=g).argsort(dim=1)
+            picks = picks[:, : self.shots + self.queries]
+        else:
+            picks = torch.stack([torch.rand(self._counts[c], generator=g).argsort()
+                                 [: self.shots + self.queries] for c in classes.tolist()])
         turns = torch.randint(0, 4, (self.ways,), generator=g)
         return classes, picks, turns
+
+    def flat_index(self, classes: torch.Tensor, picks: torch.Tensor) -> torch.Tensor:
+        """Rows of the split's images for (classes, picks) of `task_indices`."""
+        if self._offsets is None:
+            return classes[:, None] * self.per_class + picks
+        return self._offsets[classes][:, None] + picks
 
     # -- assembly -----------------------------------------------------------------------------
     def raw_batch(self, start: int, count: int) -> TaskBatch:
@@ -105,7 +138,7 @@ class TaskSampler:
         idx, turns = [], []
         for t in range(start, start + count):
             classes, picks, rot = self.task_indices(t)
-            idx.append(classes[:, None] * self.per_class + picks)
+            idx.append(self.flat_index(classes, picks))
             turns.append(rot)
         flat_idx = torch.stack(idx).to(self.device)  # [B, ways, s+q]
         x = self.flat[flat_idx]  # [B, ways, s+q, C, H, W]
@@ -126,13 +159,7 @@ class TaskSampler:
     def to_float(self, batch: TaskBatch) -> TaskBatch:
         """uint8 -> float32 in [0,1] (then mean/std normalised where the dataset says so)."""
         def convert(x: torch.Tensor) -> torch.Tensor:
-            y = x.to(torch.float32)
-            if self._affine is not None:
-                scale, bias = (v.to(y.device) for v in self._affine)
-                return torch.addcmul(bias, y, scale)
-            if self.pixel_max != 1:
-                y = y / self.pixel_max
-            return y
+            return pixels_to_float(x, self.pixel_max, self._affine)
 
         return TaskBatch(convert(batch.x_support), batch.y_support, convert(batch.x_query),
                          batch.y_query)
@@ -143,6 +170,30 @@ class TaskSampler:
 
     def task(self, index: int) -> TaskBatch:
         return self.batch(index, 1)
+
+
+def pixel_affine(pixel_max: int, normalize, channels: int,
+                 device: torch.device | str = "cpu") -> tuple[torch.Tensor, torch.Tensor] | None:
+    """(scale, bias) [C, 1, 1] that make (x / pixel_max - mean) / std one multiply-add, or None
+    without normalisation. `engine.preprocess` uses it too, so predictions get their inputs
+    exactly as training and evaluation did."""
+    if normalize is None:
+        return None
+    mean = torch.tensor(normalize[0], dtype=torch.float64).view(channels, 1, 1)
+    std = torch.tensor(normalize[1], dtype=torch.float64).view(channels, 1, 1)
+    return ((1.0 / (pixel_max * std)).float().to(device), (-mean / std).float().to(device))
+
+
+def pixels_to_float(x: torch.Tensor, pixel_max: int,
+                    affine: tuple[torch.Tensor, torch.Tensor] | None) -> torch.Tensor:
+    """uint8 pixels -> float32: x / pixel_max, then the per-channel affine when given."""
+    y = x.to(torch.float32)
+    if affine is not None:
+        scale, bias = (v.to(y.device) for v in affine)
+        return torch.addcmul(bias, y, scale)
+    if pixel_max != 1:
+        y = y / pixel_max
+    return y
 
 
 def sampler_for(config: Config, split: str, dataset: FewShotDataset | None = None,
