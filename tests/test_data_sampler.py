@@ -192,6 +192,69 @@ class _SlowSampler:
         return self.inner.to_float(batch)
 
 
+class _FakeClock:
+    """`time` for engine.data.sampler: the clock moves only when a test says so. Every
+    consumer-side reading that starts a wait (the odd ones) opens `gate` once, so a gated
+    producer starts a batch only after the consumer has begun waiting for it."""
+
+    def __init__(self) -> None:
+        self.now = 0.0
+        self.reads = 0
+        self.gate = threading.Semaphore(0)
+
+    def perf_counter(self) -> float:
+        self.reads += 1
+        if self.reads % 2:
+            self.gate.release()
+        return self.now
+
+
+class _ClockedSampler:
+    """Each batch costs `cost` fake seconds; with `gated`, it starts only when asked for."""
+
+    def __init__(self, inner: TaskSampler, clock: _FakeClock, cost: float, gated: bool) -> None:
+        self.inner, self.clock, self.cost, self.gated = inner, clock, cost, gated
+
+    def raw_batch(self, start: int, count: int) -> TaskBatch:
+        if self.gated:
+            assert self.clock.gate.acquire(timeout=60)
+        self.clock.now += self.cost
+        return self.inner.raw_batch(start, count)
+
+    def to_float(self, batch: TaskBatch) -> TaskBatch:
+        return self.inner.to_float(batch)
+
+
+def test_prefetcher_counts_only_time_spent_blocked_on_data(monkeypatch):
+    """wait_seconds sums the time between asking for a batch and getting it, on a fake clock:
+    a producer that starts each batch only when asked makes every wait its cost (1 s), and
+    the consumer's own work between batches (5 s each) is not counted; batches assembled
+    before they are asked for cost no wait at all."""
+    import engine.data.sampler as sampler_module
+
+    clock = _FakeClock()
+    monkeypatch.setattr(sampler_module, "time", clock)
+    s = TaskSampler(synthetic_dataset(), "train", 5, 1, 1, seed=0)
+    slow = Prefetcher(_ClockedSampler(s, clock, 1.0, gated=True), 0, 2, 6)
+    for _ in slow:
+        clock.now += 5.0  # the consumer's own work
+    assert (slow.wait_count, slow.wait_seconds) == (7, 6.0)  # 6 batches, then the end
+    ready = Prefetcher(_ClockedSampler(s, clock, 1.0, gated=False), 0, 2, 2, depth=2)
+    assert _wait_until(lambda: ready._queue.full())  # both assembled ahead (2 fake s)
+    assert len(list(ready)) == 2
+    assert (ready.wait_count, ready.wait_seconds) == (3, 0.0)
+
+
+def _wait_until(condition, timeout: float = 60.0) -> bool:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.01)
+    return True
+
+
+@pytest.mark.slow  # wall-clock bounds: on a loaded machine they measure the load
 def test_prefetcher_measures_time_waited_for_data():
     s = TaskSampler(synthetic_dataset(), "train", 5, 1, 1, seed=0)
     slow = Prefetcher(_SlowSampler(s, 0.05), 0, 2, 6)
