@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import re
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -27,6 +28,9 @@ CHANNELS_LAST = ("auto", "never", "first_order", "always")  # steps run channels
 PRECISIONS = ("auto", "float32", "tf32", "bf16")
 # (channels, height/width) of the images each dataset feeds the network.
 IMAGE_SHAPES = {"omniglot": (1, 28), "quickstart": (1, 28), "miniimagenet": (3, 84)}
+# Any other data.dataset names a dataset imported with `mamlpp data import folder`; its image
+# shape is in its cache's manifest (read when first needed), and the network takes it.
+IMPORTED_NAME = re.compile(r"^[a-z][a-z0-9_-]{0,63}$")
 
 
 @dataclass
@@ -105,8 +109,33 @@ class Config:
 
     @property
     def image_shape(self) -> tuple[int, int, int]:
-        c, s = IMAGE_SHAPES[self.data.dataset]
-        return (c, s, s)
+        """(C, H, W) of the network's input: fixed for the built-in datasets; for an imported
+        one, what `set_image_shape` was told (an export knows it) or its cache's manifest."""
+        if self.data.dataset in IMAGE_SHAPES:
+            c, s = IMAGE_SHAPES[self.data.dataset]
+            return (c, s, s)
+        known = self.__dict__.get("_image_shape")
+        if known is None:
+            from engine.data.cache import read_manifest
+
+            manifest = read_manifest(self.data.dataset)
+            if manifest is None:
+                raise ConfigError(
+                    f"data.dataset = {self.data.dataset!r} is not in the data cache; import it "
+                    f"with `mamlpp data import folder PATH --name {self.data.dataset}`.")
+            known = tuple(int(v) for v in manifest["image_shape"])
+            check_image_shape(self, known)
+            self.__dict__["_image_shape"] = known
+        return known
+
+    def set_image_shape(self, shape: tuple[int, int, int]) -> Config:
+        """Fix the input shape of an imported dataset's network (no cache lookup); checked
+        against model.stages."""
+        shape = tuple(int(v) for v in shape)
+        if self.data.dataset not in IMAGE_SHAPES:
+            check_image_shape(self, shape)
+            self.__dict__["_image_shape"] = shape
+        return self
 
 
 _SECTION_CLASSES = {
@@ -218,21 +247,34 @@ def _choice(key: str, value: str, choices: tuple[str, ...]) -> None:
     _check(value in choices, f"{key} must be one of {', '.join(choices)} (got {value!r}).")
 
 
+def check_image_shape(cfg: Config, shape: tuple[int, ...]) -> None:
+    """The network must fit the images: each of model.stages halves them (the one mismatch
+    between a preset's network and a dataset's images; channels and size are taken from the
+    dataset, so any preset trains on any dataset whose images are large enough)."""
+    size = int(shape[-1])
+    stages = cfg.model.stages
+    _check(
+        size >> stages >= 1,
+        f"model.stages must be at most {size.bit_length() - 1} for the {size}x{size} images of "
+        f"{cfg.data.dataset} (got {stages}); use --set model.stages={size.bit_length() - 1}"
+        + (", or import the images at --size 84 or more" if cfg.data.dataset not in IMAGE_SHAPES
+           else "") + ".",
+    )
+
+
 def validate(cfg: Config) -> None:
     """Reject impossible values with one sentence naming the key."""
     d, m, t, p, e = cfg.data, cfg.model, cfg.train, cfg.maml_pp, cfg.eval
-    _choice("data.dataset", d.dataset, DATASETS)
+    _check(d.dataset in DATASETS or bool(IMPORTED_NAME.match(d.dataset)),
+           f"data.dataset must be one of {', '.join(DATASETS)} or the name of a dataset "
+           f"imported with `mamlpp data import folder PATH --name NAME` (got {d.dataset!r}).")
     _at_least("data.ways", d.ways, 2)
     _at_least("data.shots", d.shots, 1)
     _at_least("data.queries", d.queries, 1)
     _at_least("model.filters", m.filters, 1)
     _at_least("model.stages", m.stages, 1)
-    size = IMAGE_SHAPES[d.dataset][1]
-    _check(
-        size >> m.stages >= 1,
-        f"model.stages must be at most {size.bit_length() - 1} for {size}x{size} images "
-        f"(got {m.stages}).",
-    )
+    if d.dataset in IMAGE_SHAPES:  # an imported dataset's shape is checked when it is read
+        check_image_shape(cfg, (IMAGE_SHAPES[d.dataset][1],))
     _at_least("train.epochs", t.epochs, 1)
     _at_least("train.iters_per_epoch", t.iters_per_epoch, 1)
     _at_least("train.meta_batch", t.meta_batch, 1)

@@ -79,7 +79,7 @@ def test_config_file(tmp_path):
         ("maml_pp.first_order_epochs=-2", "maml_pp.first_order_epochs"),
         ("eval.val_tasks=0", "eval.val_tasks"),
         ("eval.ensemble_top_k=0", "eval.ensemble_top_k"),
-        ("data.dataset=cifar", "data.dataset"),
+        ("data.dataset=no/such", "data.dataset"),
         ("data.ways=five", "data.ways"),
         ("data.ways=2.5", "data.ways"),
         ("maml_pp.msl=1", "maml_pp.msl"),
