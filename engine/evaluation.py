@@ -77,3 +77,22 @@ def ensemble(member_logits: list[torch.Tensor], labels: torch.Tensor,
     acc = accuracy_per_task(mean_logits, labels)
     return EnsembleResult(members, [a.mean().item() for a in accs], [ci95(a) for a in accs],
                           acc.mean().item(), ci95(acc), len(acc))
+
+
+def ensemble_sentences(result: dict) -> list[str]:
+    """An ensemble result (ensemble.json) as plain log lines: one per member, one for the
+    ensemble. What engine.log and `mamlpp ensemble --plain` (the dashboard's log) show."""
+    n = result["tasks"]
+    vals = result.get("member_val_accuracies") or [None] * len(result["members"])
+    cis = result.get("member_ci95") or [None] * len(result["members"])
+    lines = []
+    for epoch, val, acc, ci in zip(result["members"], vals, result["member_accuracies"], cis,
+                                   strict=True):
+        seen = "" if val is None else f" (validation {100 * val:.2f}%)"
+        spread = "" if ci is None else f" +- {100 * ci:.2f}"
+        lines.append(f"ensemble member epoch {epoch}{seen}: test accuracy {100 * acc:.2f}%"
+                     f"{spread} on {n} tasks")
+    members = ", ".join(str(e) for e in result["members"])
+    lines.append(f"ensemble of epochs {members}: test accuracy {100 * result['accuracy']:.2f}% "
+                 f"+- {100 * result['ci95']:.2f} on {n} tasks")
+    return lines

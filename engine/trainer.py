@@ -31,7 +31,13 @@ from engine.distributed import (
     check_divisible,
 )
 from engine.errors import UserError
-from engine.evaluation import ensemble, evaluate_tasks, summarize, task_batches
+from engine.evaluation import (
+    ensemble,
+    ensemble_sentences,
+    evaluate_tasks,
+    summarize,
+    task_batches,
+)
 from engine.events import EventWriter
 from engine.learner import MetaLearner, NonFiniteLossError, StepMetrics
 from engine.run_store import RunDir
@@ -236,8 +242,8 @@ class Trainer:
     def run_ensemble(self, top_k: int | None = None, n_tasks: int | None = None) -> dict:
         result = run_ensemble(self.run, self.config, self.device, top_k, n_tasks,
                               self.samplers["test"], self.world)
-        self.log.info("ensemble of epochs %s: test accuracy %.4f +- %.4f", result["members"],
-                      result["accuracy"], result["ci95"])
+        for line in ensemble_sentences(result):
+            self.log.info("%s", line)
         return result
 
     def _handle_control(self) -> str | None:

@@ -9,7 +9,6 @@ from pathlib import Path
 
 import typer
 from rich.console import Console
-from rich.table import Table
 
 from engine.errors import UserError
 from mamlpp_tui.data_cli import data_app
@@ -44,15 +43,9 @@ def presets(
     if as_json:
         print(json.dumps([c.to_dict() for c in configs], indent=2))
         return
-    table = Table(title="presets")
-    for col in ("name", "dataset", "ways", "shots", "queries", "meta_batch", "epochs"):
-        table.add_column(col, no_wrap=True)
-    table.add_column("description")
-    for c in configs:
-        table.add_row(c.name, c.data.dataset, str(c.data.ways), str(c.data.shots),
-                      str(c.data.queries), str(c.train.meta_batch), str(c.train.epochs),
-                      c.description)
-    console.print(table)
+    from mamlpp_tui.tables import presets_table
+
+    console.print(presets_table(configs, console.width))
 
 
 # ---- runs ----------------------------------------------------------------------------------
@@ -110,7 +103,7 @@ def _foreground(run, device: str, world=None) -> None:
 
         ensemble = run.read_ensemble()
         if ensemble:
-            console.print(ensemble_table(ensemble))
+            console.print(ensemble_table(ensemble, console.width))
         console.print(f"run {run.run_id} finished")
     elif state == "stopped":
         console.print(f"run {run.run_id} stopped; continue it with `mamlpp resume {run.run_id}`")
@@ -185,6 +178,8 @@ def ensemble_cmd(
     tasks: int = typer.Option(None, "--tasks", min=1, help="Test tasks (default eval.test_tasks)."),
     device: Device = "auto",
     as_json: bool = typer.Option(False, "--json", help="Machine-readable output."),
+    plain: bool = typer.Option(False, "--plain", help="Plain sentences, one per member and "
+                               "one for the ensemble (for logs), instead of a table."),
 ) -> None:
     """Evaluate the top-k validation epochs on fixed test tasks and average their logits."""
     from engine.trainer import pick_device, run_config, run_ensemble
@@ -194,8 +189,13 @@ def ensemble_cmd(
     result = run_ensemble(run_dir, run_config(run_dir), pick_device(device), top_k, tasks)
     if as_json:
         print(json.dumps(result, indent=2))
+    elif plain:
+        from engine.evaluation import ensemble_sentences
+
+        for line in ensemble_sentences(result):
+            print(line)
     else:
-        console.print(ensemble_table(result))
+        console.print(ensemble_table(result, console.width))
 
 
 def _control(run_ref: str, command: str, wait_for: str | None, timeout: float) -> None:
@@ -247,7 +247,7 @@ def runs(as_json: bool = typer.Option(False, "--json", help="Machine-readable ou
     elif not summaries:
         console.print("no runs yet; start one with `mamlpp run`")
     else:
-        console.print(runs_table(summaries))
+        console.print(runs_table(summaries, console.width))
 
 
 @app.command()
@@ -262,7 +262,7 @@ def show(
     if as_json:
         print(json.dumps(summary, indent=2))
         return
-    for table in show_tables(summary):
+    for table in show_tables(summary, console.width):
         console.print(table)
 
 

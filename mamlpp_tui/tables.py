@@ -1,14 +1,123 @@
-"""Rich tables (and their --json twins) for runs, one run, and ensemble results."""
+"""Rich tables (and their --json twins) for runs, one run, and ensemble results, and
+`fitted_table`, the helper every table a command prints should be built with."""
 
 from __future__ import annotations
 
 import time
+from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any
 
+from rich.console import Console
 from rich.table import Table
+from rich.text import Text
 
 from engine import checkpoints as ckpt
 from engine.run_store import RunDir
+
+WIDER_NOTE = "a wider terminal or --json shows all"
+
+
+@dataclass(frozen=True)
+class Column:
+    """One column of a `fitted_table`.
+
+    header       the heading.
+    identifying  what names a row (preset name, run id, state, dataset, split, member): always
+                 shown, whole, on one line (as wide as its longest cell); folded over lines
+                 only when the identifying columns alone are wider than the terminal.
+    priority     for the other columns: when a row does not fit, the column with the lowest
+                 priority is dropped first (ties: the rightmost), and a caption names what was
+                 dropped. Give what a reader most needs the highest number.
+    wrap         True for prose (descriptions, paths, errors): the column may narrow down to
+                 `min_width`, wrapping at spaces and folding longer words. False (numbers,
+                 short values): the column keeps its longest cell whole, or is dropped.
+    """
+
+    header: str
+    identifying: bool = False
+    priority: int = 0
+    wrap: bool = False
+    min_width: int = 16
+    justify: str = "left"
+    style: str | None = None
+
+
+def _cell_width(cell: str) -> int:
+    text = Text.from_markup(cell) if isinstance(cell, str) else Text(str(cell))
+    return max((Text(line).cell_len for line in text.plain.split("\n")), default=0)
+
+
+def _overhead(n_columns: int) -> int:
+    """Characters a rich Table with the default box and padding adds: a border left, right and
+    between columns, and one space each side of every cell."""
+    return 3 * n_columns + 1
+
+
+def fitted_table(columns: Sequence[Column], rows: Sequence[Sequence[str] | None], width: int,
+                 *, title: str | None = None, show_header: bool = True,
+                 note: str = WIDER_NOTE) -> Table:
+    """A rich Table that fits `width` terminal columns without cutting what identifies a row.
+
+    Use it for every table a command prints (pass `console.width`): identifying columns stay
+    whole at any width, prose columns wrap, and when the row is still too wide the
+    lowest-priority columns are dropped with a caption naming them and `note` (say how to see
+    everything: the default suits a command with --json). Nothing ever shrinks to width 0 or
+    to `…`. `rows` hold strings, one per column (rich markup allowed; a newline starts another
+    line in the cell); a None between rows draws a section line. Example:
+
+        table = fitted_table([Column("study", identifying=True), Column("state",
+                              identifying=True), Column("runs", priority=2),
+                              Column("description", wrap=True, priority=1)],
+                             rows, console.width, title="studies")
+        console.print(table)
+    """
+    need = []
+    for i, col in enumerate(columns):
+        cells = [_cell_width(r[i]) for r in rows if r is not None]
+        need.append(max([_cell_width(col.header) if show_header else 0, *cells, 1]))
+
+    def least(i: int) -> int:
+        col = columns[i]
+        return min(need[i], max(col.min_width, 1)) if col.wrap and not col.identifying \
+            else need[i]
+
+    keep = list(range(len(columns)))
+    while sum(least(i) for i in keep) + _overhead(len(keep)) > width:
+        droppable = [i for i in keep if not columns[i].identifying]
+        if not droppable:
+            break
+        keep.remove(min(droppable, key=lambda i: (columns[i].priority, -i)))
+    cramped = sum(least(i) for i in keep) + _overhead(len(keep)) > width
+    dropped = [columns[i].header for i in range(len(columns)) if i not in keep]
+    caption = f"not shown: {', '.join(dropped)} ({note})" if dropped else None
+    table = Table(title=title, caption=caption, caption_justify="left",
+                  show_header=show_header)
+    for i in keep:
+        col = columns[i]
+        if col.identifying and not cramped:
+            table.add_column(col.header, no_wrap=True, min_width=need[i], justify=col.justify,
+                             style=col.style)
+        elif col.wrap or col.identifying:  # an identifying one here: folded, never cut
+            table.add_column(col.header, overflow="fold",
+                             min_width=None if col.identifying else least(i),
+                             justify=col.justify, style=col.style)
+        else:
+            table.add_column(col.header, no_wrap=True, min_width=need[i], justify=col.justify,
+                             style=col.style)
+    previous: list[str] | None = None
+    for row in rows:
+        if row is None:
+            if previous is not None:
+                table.rows[-1].end_section = True
+            continue
+        previous = [row[i] for i in keep]
+        table.add_row(*previous)
+    return table
+
+
+def console_width(console: Console | None = None) -> int:
+    return (console or Console()).width
 
 
 def run_summary(run: RunDir) -> dict[str, Any]:
@@ -61,50 +170,64 @@ def _ago(t: float | None) -> str:
     return f"{s / 60:.0f}m ago" if s < 7200 else f"{s / 3600:.0f}h ago"
 
 
-def runs_table(summaries: list[dict[str, Any]]) -> Table:
-    table = Table(title="runs")
-    for col in ("id", "state", "progress", "best val", "ensemble", "updated"):
-        table.add_column(col, no_wrap=col != "state")
+def runs_table(summaries: list[dict[str, Any]], width: int | None = None) -> Table:
+    rows = []
     for s in summaries:
         ens = s["ensemble"]
-        table.add_row(s["id"], s["state"] or "-",
-                      f"{s['iteration']}/{s['total_iterations']}",
-                      _pct(s["best_val_accuracy"]),
-                      _pct(ens["accuracy"]) if ens else "-", _ago(s["updated"]))
-    return table
+        rows.append([s["id"], s["state"] or "-", f"{s['iteration']}/{s['total_iterations']}",
+                     _pct(s["best_val_accuracy"]), _pct(ens["accuracy"]) if ens else "-",
+                     _ago(s["updated"])])
+    return fitted_table(
+        [Column("id", identifying=True), Column("state", identifying=True),
+         Column("progress", priority=5), Column("best val", priority=4),
+         Column("ensemble", priority=3), Column("updated", priority=1)],
+        rows, width or console_width(), title="runs")
 
 
-def show_tables(s: dict[str, Any]) -> list[Table]:
-    head = Table(title=f"run {s['id']}", show_header=False)
-    head.add_column("key", style="bold")
-    head.add_column("value")
-    for key in ("preset", "state", "error", "pid", "iteration", "total_iterations", "epoch",
-                "path"):
-        if s[key] is not None:
-            head.add_row(key, str(s[key]))
+def show_tables(s: dict[str, Any], width: int | None = None) -> list[Table]:
+    width = width or console_width()
+    rows = [[key, str(s[key])] for key in ("preset", "state", "error", "pid", "iteration",
+                                            "total_iterations", "epoch", "path")
+            if s[key] is not None]
+    head = fitted_table([Column("key", identifying=True, style="bold"),
+                         Column("value", wrap=True, min_width=20, priority=1)],
+                        rows, width, title=f"run {s['id']}", show_header=False)
     tables = [head]
     if s["val_history"]:
-        val = Table(title="validation")
-        for col in ("epoch", "accuracy", "95% CI", "tasks"):
-            val.add_column(col)
-        for h in s["val_history"]:
-            val.add_row(str(h["epoch"]), _pct(h["accuracy"]), f"±{100 * h['ci95']:.2f}",
-                        str(h["tasks"]))
-        tables.append(val)
+        rows = [[str(h["epoch"]), _pct(h["accuracy"]), f"±{100 * h['ci95']:.2f}",
+                 str(h["tasks"])] for h in s["val_history"]]
+        tables.append(fitted_table(
+            [Column("epoch", identifying=True), Column("accuracy", priority=3),
+             Column("95% CI", priority=2), Column("tasks", priority=1)],
+            rows, width, title="validation"))
     if s["ensemble"]:
-        tables.append(ensemble_table(s["ensemble"]))
+        tables.append(ensemble_table(s["ensemble"], width))
     return tables
 
 
-def ensemble_table(result: dict[str, Any]) -> Table:
-    table = Table(title=f"ensemble on {result['tasks']} test tasks")
-    for col in ("member", "val accuracy", "test accuracy", "95% CI"):
-        table.add_column(col)
+def ensemble_table(result: dict[str, Any], width: int | None = None) -> Table:
     vals = result.get("member_val_accuracies") or [None] * len(result["members"])
     cis = result.get("member_ci95") or [None] * len(result["members"])
+    rows = []
     for epoch, val, acc, ci in zip(result["members"], vals, result["member_accuracies"], cis):
-        table.add_row(f"epoch {epoch}", _pct(val), _pct(acc),
-                      "-" if ci is None else f"±{100 * ci:.2f}")
-    table.add_row("[bold]ensemble", "", f"[bold]{_pct(result['accuracy'])}",
-                  f"[bold]±{100 * result['ci95']:.2f}")
-    return table
+        rows.append([f"epoch {epoch}", _pct(val), _pct(acc),
+                     "-" if ci is None else f"±{100 * ci:.2f}"])
+    rows.append(["[bold]ensemble", "", f"[bold]{_pct(result['accuracy'])}",
+                 f"[bold]±{100 * result['ci95']:.2f}"])
+    return fitted_table(
+        [Column("member", identifying=True), Column("val accuracy", priority=2),
+         Column("test accuracy", priority=4), Column("95% CI", priority=3)],
+        rows, width or console_width(), title=f"ensemble on {result['tasks']} test tasks")
+
+
+def presets_table(configs: list[Any], width: int | None = None) -> Table:
+    """`mamlpp presets`: one row per preset (engine.config.Config objects)."""
+    rows = [[c.name, c.data.dataset, str(c.data.ways), str(c.data.shots), str(c.data.queries),
+             str(c.train.meta_batch), str(c.train.epochs), c.description] for c in configs]
+    return fitted_table(
+        [Column("name", identifying=True), Column("dataset", priority=7),
+         Column("ways", priority=6), Column("shots", priority=6), Column("queries", priority=5),
+         Column("meta_batch", priority=2), Column("epochs", priority=1),
+         Column("description", wrap=True, priority=4)],
+        rows, width or console_width(), title="presets",
+        note="`mamlpp presets NAME` or --json shows all")

@@ -674,7 +674,7 @@ def test_e_runs_the_ensemble_detached_and_shows_the_result(run_dir: Path, tmp_pa
                                                             ) -> None:
     app = DashboardApp(run_dir, poll_s=0.2, local_sampling=False)
     assert app.ensemble_command() == [sys.executable, "-m", "mamlpp_tui", "ensemble",
-                                      run_dir.name]
+                                      run_dir.name, "--plain"]
     script = tmp_path / "fake_ensemble.py"
     script.write_text(FAKE_ENSEMBLE)
     monkeypatch.setenv("PYTHONPATH", str(REPO))

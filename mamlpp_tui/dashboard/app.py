@@ -260,7 +260,8 @@ class DashboardApp(App[None]):
 
     def ensemble_command(self) -> list[str]:
         """The command line of a background ensemble evaluation of this run."""
-        return [sys.executable, "-m", "mamlpp_tui", "ensemble", self.watcher.run.run_id]
+        return [sys.executable, "-m", "mamlpp_tui", "ensemble", self.watcher.run.run_id,
+                "--plain"]
 
     def action_ensemble(self) -> None:
         """`e`: evaluate the top-k ensemble now, in a detached process; the result shows up

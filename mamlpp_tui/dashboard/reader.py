@@ -392,8 +392,10 @@ class RunWatcher:
             engine_time = self._log_time
             with contextlib.suppress(OSError):
                 self._log_time = ensemble_log.stat().st_mtime
-            for raw in lines:
-                self._log_line(raw, prefix="ensemble: ")
+            for raw in lines:  # `mamlpp ensemble --plain`: a sentence per member, then the
+                # ensemble's, which the ensemble event already put in the log
+                if not _DUPLICATE_LOG_RE.match(raw):
+                    self._log_line(raw, prefix="" if raw.startswith("ensemble") else "ensemble: ")
             self._log_time = engine_time
 
     def _tail(self, path: Path, attr: str) -> list[str]:
