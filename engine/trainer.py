@@ -21,6 +21,8 @@ import torch
 from engine import checkpoints as ckpt
 from engine.config import Config, from_dict
 from engine.control import ControlReader
+from engine.data.progress import Reporter
+from engine.data.splits import check_run_split, split_record
 from engine.distributed import (
     SINGLE,
     World,
@@ -146,7 +148,8 @@ class Trainer:
         cfg = self.config
         if not self.main:  # rank 0 builds a missing cache (quickstart) before the others read it
             barrier(self.world)
-        dataset = load_dataset(cfg.data.dataset)
+        dataset = load_dataset(cfg.data.dataset, reporter=_LogReporter(self.log))
+        self.data_split = split_record(dataset.manifest)
         if self.main:
             barrier(self.world)
         self.samplers = {s: sampler_for(cfg, s, dataset) for s in ("train", "val", "test")}
@@ -322,6 +325,8 @@ class Trainer:
         if meta.get("config_digest") != self.config.digest():
             raise UserError(f"Checkpoint {name} was made with a different config than "
                             f"{self.run.run_id}'s config.json; it cannot be resumed.")
+        recorded = (self.run.read_config().get("runtime") or {}).get("data_split")
+        check_run_split(self.run.run_id, self.config.data.dataset, recorded, self.data_split)
         self._resume_tensors = tensors
         return name, tensors, meta
 
@@ -358,7 +363,7 @@ class Trainer:
         raw = dict(self.run.read_config())
         raw["runtime"] = {"device": str(self.device), **self.learner.paths.to_dict(),
                           "dtype": "float32", "torch": torch.__version__,
-                          "world_size": self.world.size}
+                          "world_size": self.world.size, "data_split": self.data_split}
         atomic_write_json(self.run.config_path, raw)
 
 
@@ -405,10 +410,15 @@ def _run_ensemble(run: RunDir, config: Config, device: torch.device, top_k: int 
                         "one epoch before running the ensemble.")
     scored.sort(key=lambda s: (-s[0], s[1]))
     chosen = scored[:top_k]
-    if sampler is None:
+    if sampler is None:  # not the training engine: the cache may have changed since
         from engine.data import load_dataset, sampler_for
 
-        sampler = sampler_for(config, "test", load_dataset(config.data.dataset))
+        dataset = load_dataset(config.data.dataset)
+        if world.is_main:
+            recorded = (run.read_config().get("runtime") or {}).get("data_split")
+            check_run_split(run.run_id, config.data.dataset, recorded,
+                            split_record(dataset.manifest), "run the ensemble")
+        sampler = sampler_for(config, "test", dataset)
     learner = MetaLearner(config, device)
     member_logits, labels = [], None
     for _, _, name in chosen:
@@ -437,6 +447,26 @@ def _save_logits(run: RunDir, member_logits: torch.Tensor, labels: torch.Tensor)
 
     data = save({"member_logits": member_logits.contiguous(), "labels": labels.contiguous()})
     atomic_write_bytes(run.path / "ensemble-logits.safetensors", data)
+
+
+class _LogReporter(Reporter):
+    """Data notes (a cache being rebuilt) and finished data jobs, into the engine log."""
+
+    def __init__(self, log: logging.Logger) -> None:
+        self.log = log
+        self.job = ""
+        self.t0 = 0.0
+
+    def start(self, description: str, total: int | None = None, unit: str = "items") -> None:
+        self.job, self.t0 = description, time.monotonic()
+
+    def done(self) -> None:
+        if self.job:
+            self.log.info("%s: done in %.1f s", self.job, time.monotonic() - self.t0)
+        self.job = ""
+
+    def note(self, message: str) -> None:
+        self.log.info("%s", message)
 
 
 def _null_logger() -> logging.Logger:

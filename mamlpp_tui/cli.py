@@ -135,7 +135,12 @@ def run(
     world = init_world(device)
     check_divisible(cfg.train.meta_batch, world)
     pick_device(device, world)
-    require_dataset(cfg.data.dataset)
+    if world.is_main:  # an Omniglot cache with mamlpp's previous class split is rebuilt here
+        from mamlpp_tui.data_cli import _reporter
+
+        require_dataset(cfg.data.dataset, reporter=_reporter())
+    else:
+        require_dataset(cfg.data.dataset, refresh=False)
     path = str(create_run(cfg.to_dict(), name).path) if world.is_main else None
     _start(RunDir(Path(broadcast_object(path, world))), device, detach, no_tui, world)
 
@@ -166,6 +171,10 @@ def resume(
     if status.get("state") == "finished":
         raise UserError(f"Run {run_dir.run_id} already finished; evaluate it with "
                         f"`mamlpp ensemble {run_dir.run_id}`.")
+    from engine.data.splits import check_run_data
+    from mamlpp_tui.data_cli import _reporter
+
+    check_run_data(run_dir, _reporter())  # its class split, before the engine starts
     pick_device(device, world)
     broadcast_object(str(run_dir.path), world)
     _start(run_dir, device, detach, no_tui, world)

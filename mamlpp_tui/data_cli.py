@@ -20,7 +20,6 @@ from rich.progress import (
     TimeRemainingColumn,
     TransferSpeedColumn,
 )
-from rich.table import Table
 
 from engine.data.progress import LineReporter, Reporter
 from engine.errors import UserError
@@ -99,7 +98,11 @@ def fetch(
     if name == "omniglot":
         if not from_ and not force and read_manifest("omniglot") is not None:
             from engine.data.cache import load_cached
+            from engine.data.splits import refresh_omniglot
 
+            if refresh_omniglot(reporter=_reporter()):  # it had mamlpp's previous split
+                _done(load_cached("omniglot"), t0)
+                return
             dataset = load_cached("omniglot")
             print(f"omniglot is already cached in {dataset.path}; use --force to fetch again.")
             return
@@ -148,34 +151,69 @@ def import_(
 
 @data_app.command("info")
 def info(
+    name: str = typer.Argument(None, help="Only this dataset."),
+    classes: bool = typer.Option(False, "--classes",
+                                 help="List the class names of each split (needs NAME)."),
     as_json: bool = typer.Option(False, "--json", help="Machine-readable output."),
 ) -> None:
-    """List the cached datasets with their counts per split."""
-    from engine.data.datasets import dataset_info
+    """List the cached datasets with their counts per split and their class split."""
+    from engine.data.datasets import dataset_classes, dataset_info
 
+    if classes:
+        if name is None:
+            raise UserError("--classes lists one dataset's classes; name it, e.g. "
+                            "`mamlpp data info omniglot --classes`.")
+        listing = dataset_classes(name)
+        if as_json:
+            print(json.dumps(listing, indent=2))
+            return
+        print(f"{name}: {listing['split']['description']} (digest {listing['split']['digest']})")
+        for split, names in listing["splits"].items():
+            print(f"{split} ({len(names)} classes):")
+            for n in names:
+                print(f"  {n}")
+        return
     report = dataset_info()
+    if name is not None:
+        report["datasets"] = [d for d in report["datasets"] if d["name"] == name]
+        report["missing"] = [m for m in report["missing"] if m["name"] == name]
+        if not report["datasets"] and not report["missing"]:
+            dataset_classes(name)  # raises: no such dataset, naming the cached ones
     if as_json:
         print(json.dumps(report, indent=2))
         return
+    from mamlpp_tui.tables import Column, fitted_table
+
     console = Console()
-    table = Table(title=f"datasets in {report['root']}")
-    for col in ("dataset", "split", "classes", "per class", "images"):
-        table.add_column(col, no_wrap=True)
+    rows = []
     for d in report["datasets"]:
         if "error" in d:
-            table.add_row(d["name"], "damaged", "", "", "")
+            rows.append([d["name"], "damaged", "", "", ""])
             continue
         source = d.get("source") or {}
         about = [d["name"], "x".join(map(str, d["image_shape"])),
-                 f"{d['bytes'] / 1e6:.1f} MB, {source.get('layout') or source.get('kind', '')}"]
-        for i, (split, c) in enumerate(d["splits"].items()):
-            table.add_row(about[i] if i < len(about) else "", split, str(c["classes"]),
-                          str(c["per_class"]), f"{c['images']:,}",
-                          end_section=i == len(d["splits"]) - 1)
-    console.print(table)
+                 f"{d['bytes'] / 1e6:.1f} MB", source.get("layout") or source.get("kind", "")]
+        splits = list(d["splits"].items())
+        for i in range(max(len(splits), len(about))):
+            split, c = splits[i] if i < len(splits) else ("", None)
+            rows.append([about[i] if i < len(about) else "", split,
+                         "" if c is None else str(c["classes"]),
+                         "" if c is None else str(c["per_class"]),
+                         "" if c is None else f"{c['images']:,}"])
+        rows.append(None)  # a line between datasets
+    table = fitted_table(
+        [Column("dataset", identifying=True), Column("split", identifying=True),
+         Column("classes", priority=3), Column("per class", priority=1),
+         Column("images", priority=2)],
+        rows, console.width, title=f"datasets in {report['root']}")
+    if rows:
+        console.print(table)
     for d in report["datasets"]:
         if "error" in d:
             console.print(d["error"], markup=False, highlight=False)
+        else:
+            console.print(f"{d['name']} classes: {d['split']['description']}.", markup=False,
+                          highlight=False)
     for m in report["missing"]:
         how = ("generated on first use" if m["name"] == "quickstart"
                else f"get it with `{m['command']}`")

@@ -59,12 +59,14 @@ def test_import_then_info_lists_counts_per_split(home, monkeypatch, capsys):
         "val": {"classes": 16, "per_class": 6, "images": 96},
         "test": {"classes": 20, "per_class": 6, "images": 120}}
     assert by_name["miniimagenet"]["image_shape"] == [3, 84, 84]
+    assert by_name["miniimagenet"]["split"]["method"] == "ravi"  # the sample's 16 + 20 wnids
     assert by_name["quickstart"]["splits"]["train"] == {"classes": 2000, "per_class": 20,
                                                         "images": 40000}
     assert [m["name"] for m in report["missing"]] == ["omniglot"]
     code, out, _ = run_cli(monkeypatch, capsys, "data", "info")
     assert code == 0 and "miniimagenet" in out and "40,000" in out
     assert "omniglot: not cached; get it with `mamlpp data fetch omniglot`." in out
+    assert "miniimagenet classes: the standard Ravi & Larochelle split" in " ".join(out.split())
 
 
 @pytest.mark.parametrize("args, expected", [

@@ -3,8 +3,8 @@ server (interrupted and corrupt transfers), content verification and bad input."
 
 from __future__ import annotations
 
-import hashlib
 import io
+import json
 import sys
 import time
 import zipfile
@@ -33,15 +33,16 @@ pytestmark = needs_omniglot
 ZIPS = ("images_background.zip", "images_evaluation.zip")
 
 
-def _characters() -> dict[str, list[str]]:
-    """Independently: character path -> its PNG entry names, straight from the zips."""
-    out: dict[str, list[str]] = {}
+def _characters() -> dict[str, tuple[str, list[str]]]:
+    """Independently: `<alphabet>/<character>` -> (its zip, its PNG entry names), from the zips."""
+    out: dict[str, tuple[str, list[str]]] = {}
     for zname in ZIPS:
         with zipfile.ZipFile(OMNIGLOT_DIR / zname) as z:
             for n in z.namelist():
                 if n.endswith(".png"):
-                    out.setdefault(n.rsplit("/", 1)[0], []).append(n)
-    return {k: sorted(v) for k, v in out.items()}
+                    alphabet, character = n.split("/")[-3:-1]
+                    out.setdefault(f"{alphabet}/{character}", (zname, []))[1].append(n)
+    return {k: (z, sorted(v)) for k, (z, v) in out.items()}
 
 
 @pytest.fixture(scope="module")
@@ -90,17 +91,66 @@ def test_full_omniglot_counts_and_pixels(omniglot):
     assert load_cached("omniglot", omniglot.path.parent, verify=True) is not None
 
 
-def test_split_is_the_documented_seeded_shuffle(omniglot):
-    chars = sorted(_characters())
-    assert len(chars) == 1623
-    order = sorted(chars, key=lambda p: hashlib.sha256(f"0/{p}".encode()).digest())
-    expected = {"train": sorted(order[:1150]), "val": sorted(order[1150:1200]),
-                "test": sorted(order[1200:])}
-    assert omniglot.class_names == expected
+def _reference_rule(names: list[str]) -> dict[str, set[str]]:
+    """The reference implementation's split, written out here on its own (issue 18's rule)."""
+    names = sorted(names)
+    seed = np.random.RandomState(0).randint(1, 999999)  # from the reference config's val_seed 0
+    index = np.arange(len(names), dtype=np.int32)
+    np.random.RandomState(seed).shuffle(index)
+    train_end = int(0.70918052988 * len(names))
+    val_end = int((0.70918052988 + 0.03080714725) * len(names))
+    return {"train": {names[i] for i in index[:train_end]},
+            "val": {names[i] for i in index[train_end:val_end]},
+            "test": {names[i] for i in index[val_end:]}}
+
+
+def test_split_is_the_reference_implementations(omniglot):
+    chars = _characters()
+    assert len(chars) == 1623  # both zips, no alphabet/character name twice
+    expected = _reference_rule(list(chars))
+    assert {s: len(v) for s, v in expected.items()} == {"train": 1150, "val": 50, "test": 423}
+    for split, names in omniglot.class_names.items():
+        assert set(names) == expected[split], split
+        assert names == sorted(names)  # a split lists its classes by name
+    assert omniglot.manifest["class_split"]["method"] == "reference"
     # a real shuffle: both halves of Omniglot end up in training and in test
     for split in ("train", "test"):
-        halves = {n.split("/")[0] for n in omniglot.class_names[split]}
-        assert halves == {"images_background", "images_evaluation"}
+        assert {chars[n][0] for n in omniglot.class_names[split]} == set(ZIPS)
+
+
+# Names per split from running the rule above once (and the issue's cross-check names), not
+# from the code under test: a change to the naming, sorting, seed or shuffle fails here.
+PINNED = {
+    "train": ["Ojibwe_(Canadian_Aboriginal_Syllabics)/character09", "Mongolian/character20",
+              "Gujarati/character10", "Alphabet_of_the_Magi/character01"],
+    "val": ["Alphabet_of_the_Magi/character12", "Anglo-Saxon_Futhorc/character24",
+            "Arcadian/character20", "Ojibwe_(Canadian_Aboriginal_Syllabics)/character07",
+            "Old_Church_Slavonic_(Cyrillic)/character08", "Tengwar/character10"],
+    "test": ["Alphabet_of_the_Magi/character07", "Angelic/character05", "Sylheti/character11",
+             "Hebrew/character07", "Aurek-Besh/character18", "Mongolian/character27",
+             "Malayalam/character21"],
+}
+
+
+def test_pinned_class_names_per_split(omniglot):
+    for split, names in PINNED.items():
+        assert set(names) <= set(omniglot.class_names[split]), split
+
+
+def test_data_info_lists_the_classes_of_each_split(omniglot, capsys, monkeypatch):
+    from mamlpp_tui import cli
+
+    monkeypatch.setenv("MAMLPP_HOME", str(omniglot.path.parent.parent))
+    with pytest.raises(SystemExit) as done:
+        cli.main(["data", "info", "omniglot", "--classes", "--json"])
+    assert done.value.code == 0
+    listing = json.loads(capsys.readouterr().out)
+    assert listing["splits"] == omniglot.class_names
+    assert listing["split"]["method"] == "reference"
+    with pytest.raises(SystemExit):
+        cli.main(["data", "info"])
+    assert "omniglot classes: the split of the reference implementation" in " ".join(
+        capsys.readouterr().out.split())
 
 
 def _box_average(ink: np.ndarray, size: int = 28) -> np.ndarray:
@@ -122,8 +172,7 @@ def test_pixels_match_an_independent_downsampling(omniglot):
     for split in ("train", "val", "test"):
         names = omniglot.class_names[split]
         for ci in rng.choice(len(names), 4, replace=False):
-            files = chars[names[ci]]
-            zname = names[ci].split("/")[0] + ".zip"
+            zname, files = chars[names[ci]]
             with zipfile.ZipFile(OMNIGLOT_DIR / zname) as z:
                 for ii in rng.choice(20, 3, replace=False):
                     with Image.open(io.BytesIO(z.read(files[ii]))) as im:

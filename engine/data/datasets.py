@@ -27,15 +27,22 @@ _MISSING = {
 }
 
 
-def require_dataset(name: str, root: Path | None = None) -> None:
+def require_dataset(name: str, root: Path | None = None, reporter: Reporter | None = None,
+                    refresh: bool = True) -> None:
     """Cheap check before a run starts: a UserError with the fix when `name` is not cached.
 
-    quickstart always passes (it is generated on first use). Reads the manifest only.
+    quickstart always passes (it is generated on first use). Reads the manifest only, except
+    that with `refresh` an Omniglot cache made with mamlpp's previous class split is rebuilt
+    with the reference implementation's (a one-line note through `reporter` first).
     """
     if name not in DATASET_NAMES:
         raise UserError(f"Unknown dataset {name!r}; available: {', '.join(DATASET_NAMES)}.")
     if name != "quickstart" and read_manifest(name, root) is None:
         raise UserError(_MISSING[name].format(root=resolve_root(root)))
+    if refresh and name == "omniglot":
+        from engine.data.splits import refresh_omniglot
+
+        refresh_omniglot(root, reporter)
 
 
 def load_dataset(name: str, root: Path | None = None, reporter: Reporter | None = None,
@@ -43,7 +50,8 @@ def load_dataset(name: str, root: Path | None = None, reporter: Reporter | None 
     """The cached dataset `name` (omniglot | miniimagenet | quickstart) from the data root.
 
     quickstart is generated and cached on first use; a missing Omniglot or mini-ImageNet is a
-    UserError whose one sentence gives the command that fetches or imports it.
+    UserError whose one sentence gives the command that fetches or imports it. An Omniglot
+    cache made with mamlpp's previous class split is rebuilt with the reference split.
     """
     if name not in DATASET_NAMES:
         raise UserError(f"Unknown dataset {name!r}; available: {', '.join(DATASET_NAMES)}.")
@@ -52,6 +60,10 @@ def load_dataset(name: str, root: Path | None = None, reporter: Reporter | None 
 
         if not quickstart_is_current(root):
             build_quickstart(root, reporter)
+    if name == "omniglot":  # a cache with mamlpp's previous class split is rebuilt first
+        from engine.data.splits import refresh_omniglot
+
+        refresh_omniglot(root, reporter)
     for attempt in range(3):  # another process may be swapping the folder in right now
         dataset = load_cached(name, root, verify=verify)
         if dataset is not None:
@@ -65,7 +77,10 @@ def load_dataset(name: str, root: Path | None = None, reporter: Reporter | None 
 
 
 def dataset_info(root: Path | None = None) -> dict[str, Any]:
-    """What `mamlpp data info --json` prints: each cached dataset with its counts per split."""
+    """What `mamlpp data info --json` prints: each cached dataset with its counts per split
+    and its class split (`split`: method, description, digest)."""
+    from engine.data.splits import class_names_of, describe_split, split_digest
+
     base = resolve_root(root)
     datasets: list[dict[str, Any]] = []
     for m in list_cached(base):
@@ -79,6 +94,7 @@ def dataset_info(root: Path | None = None) -> dict[str, Any]:
             "path": m["path"],
             "image_shape": m["image_shape"],
             "splits": splits,
+            "split": {**describe_split(m), "digest": split_digest(class_names_of(m))},
             "classes": sum(v["classes"] for v in splits.values()),
             "images": sum(v["images"] for v in splits.values()),
             "bytes": m["file_size"],
@@ -89,3 +105,17 @@ def dataset_info(root: Path | None = None) -> dict[str, Any]:
     have = {d["name"] for d in datasets}
     missing = [{"name": n, "command": GET_COMMANDS[n]} for n in DATASET_NAMES if n not in have]
     return {"root": str(base), "datasets": datasets, "missing": missing}
+
+
+def dataset_classes(name: str, root: Path | None = None) -> dict[str, Any]:
+    """What `mamlpp data info NAME --classes --json` prints: the class names of each split."""
+    from engine.data.splits import class_names_of, describe_split, split_digest
+
+    manifest = read_manifest(name, root) if name and "/" not in name else None
+    if manifest is None:
+        have = ", ".join(m["name"] for m in list_cached(root) if "error" not in m) or "none"
+        raise UserError(f"No cached dataset named {name!r} in {resolve_root(root)} (cached: "
+                        f"{have}); see `mamlpp data info`.")
+    names = class_names_of(manifest)
+    return {"name": name, "split": {**describe_split(manifest), "digest": split_digest(names)},
+            "splits": names}

@@ -5,16 +5,17 @@ Conversion (documented in the manifest too):
   down to 28x28 (PIL BOX: each output pixel is the mean of the 3x3 to 4x4 source pixels whose
   centres lie in its 3.75x3.75 area, rounded to 8 bits); an output pixel is ink (1) when that
   mean is at least 128/255, else 0: uint8 values in {0, 1};
-- the class split: the 1623 characters, named by their path
-  `images_background|images_evaluation/<alphabet>/<character>`, are put in the order of
-  sha256("0/<path>") (a seeded shuffle, seed OMNIGLOT_SPLIT_SEED = 0, independent of the order
-  files are found in), then the first 1150 are train, the next 50 val, the last 423 test; each
-  split lists its classes sorted by path; the 20 drawings of a class are sorted by file name.
+- the class split is the split of the reference implementation (the MAML++ authors' code),
+  so test numbers compare with the paper's: the 1623 characters of both zips, named
+  `<alphabet>/<character>` (the zip's top folder is not part of the name), sorted, shuffled with
+  numpy's RandomState(985773), cut 1150 train / 50 val / 423 test (`engine/data/splits.py` has
+  the exact rule); each split lists its classes sorted by name; the 20 drawings of a class are
+  sorted by file name. The manifest records it as `class_split.method = "reference"`; a cache
+  made with mamlpp's previous split (sha256 order of the paths) is rebuilt on next use.
 """
 
 from __future__ import annotations
 
-import hashlib
 import os
 import re
 from collections.abc import Sequence
@@ -28,6 +29,14 @@ from engine.data.download import download_file
 from engine.data.images import decode_image
 from engine.data.progress import Reporter
 from engine.data.sources import FolderSource, Source, ZipSource, open_source
+from engine.data.splits import (
+    OMNIGLOT_REFERENCE,
+    OMNIGLOT_REFERENCE_DESCRIPTION,
+    OMNIGLOT_REFERENCE_FRACTIONS,
+    OMNIGLOT_REFERENCE_SEED,
+    reference_sizes,
+    reference_split,
+)
 from engine.errors import UserError
 
 OMNIGLOT_URL = "https://raw.githubusercontent.com/brendenlake/omniglot/master/python"
@@ -40,29 +49,16 @@ OMNIGLOT_MD5 = {
 SUBSETS = {"images_background": 964, "images_evaluation": 659}
 PER_CLASS = 20
 IMAGE_SIZE = 28
-OMNIGLOT_SPLIT = (1150, 50, 423)
-OMNIGLOT_SPLIT_SEED = 0
+OMNIGLOT_SPLIT = reference_sizes(1623)  # (1150, 50, 423)
 
 _PNG = re.compile(r"(?:^|/)(images_background|images_evaluation)/([^/]+)/([^/]+)/([^/]+\.png)$",
                   re.IGNORECASE)
 
 
-def seeded_order(paths: Sequence[str], seed: int = OMNIGLOT_SPLIT_SEED) -> list[str]:
-    """`paths` in the order of sha256(f"{seed}/{path}"): a shuffle that any tool can reproduce."""
-    return sorted(sorted(paths), key=lambda p: hashlib.sha256(f"{seed}/{p}".encode()).digest())
-
-
-def split_classes(paths: Sequence[str], sizes: Sequence[int] = OMNIGLOT_SPLIT,
-                  seed: int = OMNIGLOT_SPLIT_SEED) -> dict[str, list[str]]:
-    """Class paths per split (train, val, test): seeded shuffle, cut by `sizes`, sorted."""
-    if len(paths) != sum(sizes):
-        raise ValueError(f"{len(paths)} classes cannot be split into {tuple(sizes)}")
-    order = seeded_order(paths, seed)
-    out, start = {}, 0
-    for split, n in zip(("train", "val", "test"), sizes, strict=True):
-        out[split] = sorted(order[start:start + n])
-        start += n
-    return out
+def split_classes(names: Sequence[str],
+                  sizes: Sequence[int] = OMNIGLOT_SPLIT) -> dict[str, list[str]]:
+    """`<alphabet>/<character>` names per split (train, val, test): the reference split."""
+    return reference_split(names, sizes)
 
 
 def _sources_for(paths: Sequence[Path]) -> list[Source]:
@@ -152,7 +148,14 @@ def convert_omniglot(paths: Sequence[Path], root: Path | None = None,
         if len(classes) != sum(split_sizes):
             raise UserError(f"Found {len(classes)} Omniglot characters, the split needs "
                             f"{sum(split_sizes)}.")
-        split = split_classes(list(classes), split_sizes)
+        by_name: dict[str, str] = {}  # <alphabet>/<character> -> its key with the zip's folder
+        for key in classes:
+            name = key.split("/", 1)[1]
+            if name in by_name:
+                raise UserError(f"Omniglot character {name} is in both {by_name[name]} and "
+                                f"{key} in {labels}; the files are mixed up.")
+            by_name[name] = key
+        split = split_classes(list(by_name), split_sizes)
         shape = (1, IMAGE_SIZE, IMAGE_SIZE)
         sizes = {s: (len(names), PER_CLASS) for s, names in split.items()}
         total = len(classes) * PER_CLASS
@@ -161,7 +164,7 @@ def convert_omniglot(paths: Sequence[Path], root: Path | None = None,
             for s, names in split.items():
                 for ci, key in enumerate(names):
                     block = np.empty((PER_CLASS, *shape), np.uint8)
-                    for ii, (source, name) in enumerate(classes[key]):
+                    for ii, (source, name) in enumerate(classes[by_name[key]]):
                         block[ii, 0] = convert_png(source.read(name), f"{name} in {source.label}")
                     writer.write(s, ci, 0, block)
                     reporter.advance(PER_CLASS)
@@ -175,11 +178,17 @@ def convert_omniglot(paths: Sequence[Path], root: Path | None = None,
                 "train_augment": "rot90",
                 "source": info,
                 "class_names": split,
+                "class_split": {
+                    "method": OMNIGLOT_REFERENCE,
+                    "description": OMNIGLOT_REFERENCE_DESCRIPTION,
+                    "seed": OMNIGLOT_REFERENCE_SEED,
+                    "fractions": list(OMNIGLOT_REFERENCE_FRACTIONS),
+                },
                 "details": {
                     "pixels": "uint8 {0,1}, ink = 1",
                     "resize": "105x105 -> 28x28: invert, PIL BOX filter, ink where >= 128/255",
-                    "split": "classes ordered by sha256('<seed>/<path>'), cut 1150/50/423",
-                    "split_seed": OMNIGLOT_SPLIT_SEED,
+                    "split": "<alphabet>/<character> names sorted, indices shuffled with numpy "
+                             "RandomState(985773), cut at the reference fractions",
                     "split_sizes": list(split_sizes),
                 },
             })
