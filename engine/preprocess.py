@@ -7,9 +7,9 @@ inputs exactly as it was trained on them:
 
 1. decode (anything Pillow reads) and convert, by `method`:
    - "center_crop" (`mamlpp data import folder`): EXIF orientation applied, transparency laid
-     on white, converted to grayscale (L) or RGB, then scaled so that the shorter side is `size`
-     and the centre `size` x `size` cropped (PIL `ImageOps.fit`, LANCZOS): the aspect ratio is
-     kept, the edges of the longer side are cut. An image already `size` x `size` is unchanged.
+     on white, converted to grayscale (L) or RGB, the centred square cropped (the longer side's
+     edges cut, (long - short) // 2 pixels before it), then resized to `size` x `size` with
+     LANCZOS: the aspect ratio is kept. An image already `size` x `size` is unchanged.
    - "stretch" (mini-ImageNet, as its importer does): converted to RGB, resized to
      `size` x `size` with LANCZOS when another size (the aspect ratio is not kept).
    - "omniglot" (Omniglot and quickstart: ink = 1): grayscale, inverted, PIL BOX filter to
@@ -99,7 +99,7 @@ class Preprocessing:
         return (self.channels, self.size, self.size)
 
     def describe(self) -> str:
-        how = {"center_crop": "shorter side scaled to {s}, centre {s}x{s} cropped (LANCZOS)",
+        how = {"center_crop": "centred square cropped, resized to {s}x{s} (LANCZOS)",
                "stretch": "resized to {s}x{s} (LANCZOS, aspect not kept)",
                "omniglot": "grayscale, inverted, BOX-filtered to {s}x{s}, ink where >= 128"}
         colour = "RGB" if self.channels == 3 else "grayscale"
@@ -133,8 +133,13 @@ class Preprocessing:
                 out = Image.alpha_composite(Image.new("RGBA", rgba.size, (255, 255, 255, 255)),
                                             rgba)
             out = out.convert(mode)
+            w, h = out.size
+            side = min(w, h)
+            if (w, h) != (side, side):  # the centred square, whole pixels
+                left, top = (w - side) // 2, (h - side) // 2
+                out = out.crop((left, top, left + side, top + side))
             if out.size != (s, s):
-                out = ImageOps.fit(out, (s, s), Image.Resampling.LANCZOS, centering=(0.5, 0.5))
+                out = out.resize((s, s), Image.Resampling.LANCZOS)
         a = np.asarray(out, dtype=np.uint8)
         return (a[None] if a.ndim == 2 else a.transpose(2, 0, 1)).copy(), converted
 

@@ -42,6 +42,7 @@ from engine.evaluation import (
 )
 from engine.events import EventWriter
 from engine.learner import MetaLearner, NonFiniteLossError, StepMetrics
+from engine.preprocess import Preprocessing
 from engine.run_store import RunDir
 from engine.schedule import second_order_at
 from engine.system_stats import SystemStats
@@ -153,6 +154,14 @@ class Trainer:
         if self.main:
             barrier(self.world)
         self.samplers = {s: sampler_for(cfg, s, dataset) for s in ("train", "val", "test")}
+        for split, sampler in self.samplers.items():  # folder datasets: classes too small
+            if sampler.excluded:
+                self.log.warning("%d %s classes of %s have fewer than %d images (shots + "
+                                 "queries) and are left out of its tasks: %s",
+                                 len(sampler.excluded), split, dataset.name,
+                                 cfg.data.shots + cfg.data.queries, ", ".join(sampler.excluded))
+        # how images become inputs, kept with the run so predict and export use the same
+        self.input = Preprocessing.from_manifest(dataset.manifest).to_dict()
         self.learner = MetaLearner(cfg, self.device, world=self.world)
         self._resume()
         self._record_runtime()
@@ -364,6 +373,7 @@ class Trainer:
         raw["runtime"] = {"device": str(self.device), **self.learner.paths.to_dict(),
                           "dtype": "float32", "torch": torch.__version__,
                           "world_size": self.world.size, "data_split": self.data_split}
+        raw["runtime"]["input"] = getattr(self, "input", None)
         atomic_write_json(self.run.config_path, raw)
 
 

@@ -135,6 +135,10 @@ def run(
     world = init_world(device)
     check_divisible(cfg.train.meta_batch, world)
     pick_device(device, world)
+    from engine.data.folder import run_data_notes  # imported datasets: shape, small classes
+
+    for note in run_data_notes(cfg) if world.is_main else []:
+        print(f"warning: {note}.", file=sys.stderr)
     if world.is_main:  # an Omniglot cache with mamlpp's previous class split is rebuilt here
         from mamlpp_tui.data_cli import _reporter
 
@@ -283,6 +287,9 @@ def watch(run_ref: str = typer.Argument(..., metavar="RUN")) -> None:
     run_dashboard(_open_run(run_ref).path)
 
 
+# `mamlpp predict` and `mamlpp export` live in their own modules (they import torch when run).
+app.command("predict")(__import__("mamlpp_tui.predict_cli", fromlist=["predict"]).predict)
+app.command("export")(__import__("mamlpp_tui.export_cli", fromlist=["export"]).export)
 # `mamlpp bench` lives in its own module, registered here (bench_cli imports torch only when run).
 app.command("bench")(__import__("mamlpp_tui.bench_cli", fromlist=["bench"]).bench)
 

@@ -70,7 +70,9 @@ def _reporter() -> Reporter:
 
 def _summary(dataset, seconds: float) -> str:  # noqa: ANN001 - FewShotDataset
     counts = dataset.counts()
-    parts = ", ".join(f"{s} {c['classes']} classes x {c['per_class']}" for s, c in counts.items())
+    parts = ", ".join(f"{s} {c['classes']} classes x {c['per_class']}"
+                      + (f"-{c['per_class_max']}" if "per_class_max" in c else "")
+                      for s, c in counts.items())
     total = sum(c["images"] for c in counts.values())
     c, h, w = dataset.image_shape
     return (f"{dataset.name} cached in {dataset.path}: {parts} ({total:,} images, {c}x{h}x{w}) "
@@ -126,17 +128,50 @@ def fetch(
 
 @data_app.command("import")
 def import_(
-    name: str = typer.Argument(..., help="miniimagenet (or omniglot)."),
+    name: str = typer.Argument(..., help="miniimagenet, omniglot, or folder (your own images: "
+                               "one sub-folder per class)."),
     path: Path = typer.Argument(..., help="Folder, archive or pickle folder to import."),  # noqa: B008
     any_split: bool = typer.Option(
         False, "--any-split",
         help="Accept a class split other than mini-ImageNet's 64/16/20."),
+    dataset_name: str = typer.Option(None, "--name", help="folder: the dataset's name (train "
+                                     "on it with --set data.dataset=NAME)."),
+    size: int = typer.Option(None, "--size", help="folder: image side in pixels (default 84); "
+                             "aspect kept by a centre crop."),
+    channels: int = typer.Option(None, "--channels", help="folder: 3 (RGB, default) or 1 "
+                                 "(grayscale)."),
+    split: str = typer.Option(None, "--split", help="folder: train,val,test fractions of the "
+                              "classes (default 0.64,0.16,0.20)."),
+    splits_from: Path = typer.Option(None, "--splits-from", help="folder: take the class "  # noqa: B008
+                                     "split from a file (JSON train/val/test lists, a mamlpp "
+                                     "manifest.json, or CSV class,split)."),
+    seed: int = typer.Option(None, "--seed", min=0, help="folder: seed of the class split "
+                             "(default 0)."),
 ) -> None:
     """Import a dataset from local files (never modified) into the cache."""
     from engine.data.miniimagenet import import_miniimagenet
     from engine.data.omniglot import fetch_omniglot
 
     t0 = time.monotonic()
+    folder_options = {"--name": dataset_name, "--size": size, "--channels": channels,
+                      "--split": split, "--splits-from": splits_from, "--seed": seed}
+    if name == "folder":
+        from engine.data.folder import import_folder, parse_split
+
+        if any_split:
+            raise UserError("--any-split is for miniimagenet; a folder import takes --split.")
+        if dataset_name is None:
+            raise UserError("Name the dataset: `mamlpp data import folder PATH --name NAME`.")
+        _done(import_folder(path, dataset_name, 84 if size is None else size,
+                            3 if channels is None else channels,
+                            parse_split(split) if split is not None else None, splits_from,
+                            seed or 0, reporter=_reporter()), t0)
+        print(f"train on it with `mamlpp run --preset PRESET --set data.dataset={dataset_name}`")
+        return
+    given = [k for k, v in folder_options.items() if v is not None]
+    if given:
+        raise UserError(f"{given[0]} is an option of `mamlpp data import folder`, not of "
+                        f"{name}.")
     if name == "miniimagenet":
         _done(import_miniimagenet(path, reporter=_reporter(), any_split=any_split), t0)
     elif name == "omniglot":
@@ -145,8 +180,8 @@ def import_(
         raise UserError("quickstart is built in and needs no import; it is generated on first "
                         "use.")
     else:
-        raise UserError(f"Unknown dataset {name!r}; `mamlpp data import` takes miniimagenet or "
-                        "omniglot.")
+        raise UserError(f"Unknown dataset {name!r}; `mamlpp data import` takes miniimagenet, "
+                        "omniglot or folder.")
 
 
 @data_app.command("info")

@@ -35,8 +35,7 @@ def require_dataset(name: str, root: Path | None = None, reporter: Reporter | No
     that with `refresh` an Omniglot cache made with mamlpp's previous class split is rebuilt
     with the reference implementation's (a one-line note through `reporter` first).
     """
-    if name not in DATASET_NAMES:
-        raise UserError(f"Unknown dataset {name!r}; available: {', '.join(DATASET_NAMES)}.")
+    _check_known(name, root)
     if name != "quickstart" and read_manifest(name, root) is None:
         raise UserError(_MISSING[name].format(root=resolve_root(root)))
     if refresh and name == "omniglot":
@@ -53,8 +52,7 @@ def load_dataset(name: str, root: Path | None = None, reporter: Reporter | None 
     UserError whose one sentence gives the command that fetches or imports it. An Omniglot
     cache made with mamlpp's previous class split is rebuilt with the reference split.
     """
-    if name not in DATASET_NAMES:
-        raise UserError(f"Unknown dataset {name!r}; available: {', '.join(DATASET_NAMES)}.")
+    _check_known(name, root)
     if name == "quickstart":
         from engine.data.quickstart import build_quickstart, quickstart_is_current
 
@@ -73,7 +71,20 @@ def load_dataset(name: str, root: Path | None = None, reporter: Reporter | None 
         time.sleep(0.1 * (attempt + 1))
     if name == "quickstart":
         raise UserError(f"The quickstart data could not be cached in {resolve_root(root)}.")
+    _check_known(name, root)
     raise UserError(_MISSING[name].format(root=resolve_root(root)))
+
+
+def _check_known(name: str, root: Path | None) -> None:
+    """Built-in names pass; any other must be a dataset imported into the cache."""
+    if name in DATASET_NAMES:
+        return
+    from engine.config import IMPORTED_NAME
+
+    if not IMPORTED_NAME.match(name or "") or read_manifest(name, root) is None:
+        raise UserError(f"Unknown dataset {name!r}: it is not built in ({', '.join(DATASET_NAMES)}"
+                        f") and not in the data cache ({resolve_root(root)}); import your own "
+                        f"images with `mamlpp data import folder PATH --name {name}`.")
 
 
 def dataset_info(root: Path | None = None) -> dict[str, Any]:

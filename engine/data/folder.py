@@ -6,7 +6,7 @@ PATH holds one sub-folder per class (images anywhere below it), or exactly `trai
 - Every file is decoded (anything Pillow reads); files that are not readable images are
   skipped and counted. Images are converted to RGB (`--channels 3`) or grayscale (1) and made
   `size` x `size` keeping the aspect ratio by a centre crop (`engine.preprocess`, method
-  "center_crop": the shorter side scaled to `size`, the longer one's edges cut, LANCZOS).
+  "center_crop": the centred square cropped, the longer side's edges cut, then LANCZOS).
 - Classes are split by class, never by image: the usable classes (sorted names) are put in the
   order of sha256("<seed>/<class name>") (a seeded shuffle any tool can reproduce, independent
   of the order files are found in), then cut by the fractions (val = round(f_val * n),
@@ -403,3 +403,15 @@ def exclusion_notes(manifest: dict[str, Any], shots: int, queries: int) -> list[
                          f"{manifest.get('name')} have fewer than {need} images (data.shots + "
                          f"data.queries) and are left out of its tasks: {shown}")
     return notes
+
+
+def run_data_notes(config) -> list[str]:  # noqa: ANN001 - engine.config.Config
+    """Before a run starts: an imported dataset's image shape checked against the network
+    (a ConfigError naming model.stages) and the warnings `exclusion_notes` gives."""
+    from engine.data.cache import read_manifest
+
+    if config.data.dataset in BUILTIN:
+        return []
+    config.image_shape  # noqa: B018 - reads the manifest and checks model.stages
+    manifest = read_manifest(config.data.dataset) or {}
+    return exclusion_notes(manifest, config.data.shots, config.data.queries)
