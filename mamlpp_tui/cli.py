@@ -292,6 +292,9 @@ app.command("predict")(__import__("mamlpp_tui.predict_cli", fromlist=["predict"]
 app.command("export")(__import__("mamlpp_tui.export_cli", fromlist=["export"]).export)
 # `mamlpp bench` lives in its own module, registered here (bench_cli imports torch only when run).
 app.command("bench")(__import__("mamlpp_tui.bench_cli", fromlist=["bench"]).bench)
+# `mamlpp report` and `mamlpp compare` (report_cli imports matplotlib only when drawing).
+app.command("report")(__import__("mamlpp_tui.report_cli", fromlist=["report"]).report)
+app.command("compare")(__import__("mamlpp_tui.report_cli", fromlist=["compare"]).compare)
 
 
 def _click_error(e: BaseException) -> tuple[str, int] | None:

@@ -1,6 +1,8 @@
 """`mamlpp export RUN`: one command, one mode per destination option.
 
-`--to DIR` writes a self-contained model folder (engine/model_export.py). Exactly one mode
+`--to DIR` writes a self-contained model folder (engine/model_export.py); `--tensorboard DIR`
+and `--csv DIR` write the run's events as TensorBoard scalars or tidy CSV files
+(mamlpp_tui/report/tensorboard.py, tidy_csv.py). Exactly one mode
 option is given per call; a new mode is one more entry in the mode table, one more option in
 `export`'s signature and one handler.
 """
@@ -38,9 +40,30 @@ def _model_folder(run_ref: str, to: Path, options: dict[str, Any]) -> None:
     print(f"use it with `mamlpp predict {to} --support SUPPORT_DIR --query QUERY...`")
 
 
+def _tensorboard(run_ref: str, out: Path, options: dict[str, Any]) -> None:
+    from engine.run_store import find_run
+    from mamlpp_tui.report.rundata import load_run
+    from mamlpp_tui.report.tensorboard import export_tensorboard
+
+    target = export_tensorboard(load_run(find_run(run_ref)), Path(out).expanduser())
+    print(f"wrote TensorBoard scalars to {target}; view with `tensorboard --logdir {out}`")
+
+
+def _csv(run_ref: str, out: Path, options: dict[str, Any]) -> None:
+    from engine.run_store import find_run
+    from mamlpp_tui.report.rundata import load_run
+    from mamlpp_tui.report.tidy_csv import export_csv
+
+    target = export_csv(load_run(find_run(run_ref)), Path(out).expanduser())
+    print(f"wrote {target / 'scalars.csv'} (one row per event and metric) and "
+          f"{target / 'config.csv'}")
+
+
 # option -> (what it writes, handler(run_ref, value, all options)); one option per call
 MODES: dict[str, tuple[str, Callable[[str, Any, dict[str, Any]], None]]] = {
     "--to": ("a self-contained model folder for predict and mamlpp.load", _model_folder),
+    "--tensorboard": ("the run's events as TensorBoard scalars", _tensorboard),
+    "--csv": ("the run's events as tidy CSV files", _csv),
 }
 # options that only one mode takes
 MODE_OPTIONS = {"--members": "--to"}
@@ -67,6 +90,14 @@ def export(
                                  "batch-norm sets, preprocessing, config, figures, model card) "
                                  "that `mamlpp predict` and `mamlpp.load` take."),
     members: Members = MembersOption,
+    tensorboard: Path = typer.Option(None, "--tensorboard", metavar="DIR",  # noqa: B008
+                                     help="Write the run's events as TensorBoard scalars and "
+                                          "its config as text into DIR/<run id> (needs "
+                                          "`pip install 'mamlpp\\[tensorboard]'`)."),
+    csv: Path = typer.Option(None, "--csv", metavar="DIR",  # noqa: B008
+                             help="Write DIR/<run id>/scalars.csv (one row per event and "
+                                  "metric) and config.csv."),
 ) -> None:
-    """Export a run: a self-contained model folder (--to)."""
-    dispatch(run_ref, {"--to": to, "--members": members})
+    """Export a run: a model folder (--to), TensorBoard scalars (--tensorboard) or CSV (--csv)."""
+    dispatch(run_ref, {"--to": to, "--members": members, "--tensorboard": tensorboard,
+                       "--csv": csv})
