@@ -36,7 +36,7 @@ TALL = (7.2, 4.6)  # heat maps with a row per adapted tensor
 FIRST_ORDER_COLOUR = "#e8e8e8"
 TOTAL_COLOUR = "#111111"
 STYLE = {
-    "font.size": 9,
+    "font.size": 9.5,
     "axes.titlesize": 10,
     "axes.titleweight": "bold",
     "axes.spines.top": False,
@@ -179,13 +179,14 @@ def _train_series(data: RunData) -> tuple[list[int], list[float | None], list[li
 
 
 def _plot_smoothed(ax, xs: Sequence[float], ys: Sequence[float | None], colour: Any,
-                   label: str, width: float = 1.6, style: str = "-") -> bool:
+                   label: str | None, width: float = 1.6, style: str = "-",
+                   raw_alpha: float = 0.22) -> bool:
     pts = [(x, y) for x, y in zip(xs, ys) if y is not None and math.isfinite(y)]
     if not pts:
         return False
     x, y = zip(*pts)
     if len(pts) > 2:
-        ax.plot(x, y, color=colour, alpha=0.22, lw=0.7, ls=style)
+        ax.plot(x, y, color=colour, alpha=raw_alpha, lw=0.7, ls=style)
     ax.plot(x, smooth(y), color=colour, lw=width, label=label, ls=style)
     return True
 
@@ -205,6 +206,7 @@ def losses_plot(data: RunData) -> Plot:
     plot = Plot("losses", "Query loss per inner step",
                 "Query (target) loss after each inner step and the MSL-weighted total the "
                 "meta-gradient follows, over training iterations: smoothed, raw values faint. "
+                "Once MSL is off the total is the final step's loss, drawn once. "
                 "Grey: first-order meta-gradients.")
     its, totals, per_step = _train_series(data)
     if not its:
@@ -214,9 +216,12 @@ def losses_plot(data: RunData) -> Plot:
     ax = fig.add_subplot()
     ipe = data.iters_per_epoch
     shade_first_order(ax, data, lambda e: e * ipe, limit=max(its))
+    if per_step:  # where only the final step counts (MSL off) it is the total: drawn once
+        per_step[-1] = [None if v is not None and t is not None and abs(v - t) <= 1e-6 * abs(t)
+                        else v for v, t in zip(per_step[-1], totals)]
     for i, (series, colour) in enumerate(zip(per_step, step_colours(len(per_step)))):
-        _plot_smoothed(ax, its, series, colour, f"step {i + 1}", width=1.3)
-    _plot_smoothed(ax, its, totals, TOTAL_COLOUR, "weighted total", width=2.0)
+        _plot_smoothed(ax, its, series, colour, f"step {i + 1}", width=1.3, raw_alpha=0.13)
+    _plot_smoothed(ax, its, totals, TOTAL_COLOUR, "weighted total", width=2.0, raw_alpha=0.25)
     mpp = data.section("maml_pp")
     msl_off = int(mpp.get("msl_epochs") or 0) * ipe
     if mpp.get("msl") and 0 < msl_off <= max(its):
@@ -298,7 +303,7 @@ def _heatmap(ax, names: list[str], matrix: list[list[float]], vmin: float, vmax:
         for r, row in enumerate(matrix):
             for c, v in enumerate(row):
                 if math.isfinite(v):
-                    ax.text(c, r, f"{v:.4f}", ha="center", va="center", fontsize=7.5,
+                    ax.text(c, r, f"{v:.4f}", ha="center", va="center", fontsize=8.5,
                             color="black" if v > mid else "white")
     return image
 
@@ -338,6 +343,16 @@ def lslr_heatmap_plot(data: RunData) -> Plot:
     return plot
 
 
+def _unchanged(name: str, history: list[tuple[float, dict[str, list[float | None]]]]) -> bool:
+    """Whether a tensor's rates stayed within 1% of their first values at every step."""
+    first = history[0][1].get(name) or []
+    for _, rates in history[1:]:
+        for a, b in zip(first, rates.get(name) or []):
+            if a is None or b is None or abs(b - a) > 0.01 * max(abs(a), 1e-12):
+                return False
+    return True
+
+
 @drawn
 def lslr_evolution_plot(data: RunData) -> Plot:
     plot = Plot("lslr_evolution", "Learned inner learning rates over training",
@@ -348,13 +363,18 @@ def lslr_evolution_plot(data: RunData) -> Plot:
         plot.note = "The learned rates have been logged once so far (at the start); their " \
                     "evolution shows after the first epoch."
         return plot
-    names = list(history[-1][1])
+    every = list(history[-1][1])
     steps = max(len(v) for v in history[-1][1].values())
+    still = [n for n in every if _unchanged(n, history)]
+    names = [n for n in every if n not in still] or every
+    if still and names is not every:
+        plot.caption += (f" Left out, as their rates stayed within 1% of where they started: "
+                         f"{', '.join(still)} (their values are in the heat map).")
     fig = new_figure(WIDE)
     axes = fig.subplots(1, steps, sharey=True, squeeze=False)[0]
-    colours = {n: c for n, c in zip([n for n in names if not n.endswith("bias")],
-                                    run_colours(len(names)))}
-    for n in names:
+    colours = {n: c for n, c in zip([n for n in every if not n.endswith("bias")],
+                                    run_colours(len(every)))}
+    for n in every:
         if n.endswith("bias"):
             colours[n] = colours.get(n.removesuffix("bias") + "weight", "#888888")
     xs = [x for x, _ in history]
@@ -439,7 +459,7 @@ def validation_plot(data: RunData) -> Plot:
                 mec="#7a5500", mew=0.6, label=f"top {data.top_k}")
         for rank, e in enumerate(top, 1):
             ax.annotate(f"#{rank}", (e, mean[epochs.index(e)]), textcoords="offset points",
-                        xytext=(0, 9), ha="center", fontsize=7.5, color="#7a5500")
+                        xytext=(0, -17), ha="center", fontsize=8, color="#7a5500")
     ens = data.ensemble()
     if ens:
         ax.axhline(100 * ens["accuracy"], color="#2ca02c", lw=1.2, ls="--",
