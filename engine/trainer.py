@@ -65,6 +65,7 @@ def pick_device(requested: str, world: World = SINGLE) -> torch.device:
 def run_config(run: RunDir) -> Config:
     raw = dict(run.read_config())
     raw.pop("runtime", None)
+    raw.pop("study", None)  # a study member's tag (engine/studies.py), not part of the config
     return from_dict(raw)
 
 
