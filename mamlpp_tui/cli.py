@@ -123,12 +123,15 @@ def run(
     device: Device = "auto",
     detach: bool = typer.Option(False, "--detach", help="Print the run id and return."),
     no_tui: bool = typer.Option(False, "--no-tui", help="Train in the foreground."),
+    study: str = typer.Option(None, "--study", help="Tag the run as a member of this study, "
+                              "with --variant (as `mamlpp sweep/ablate --dry-run` prints)."),
+    variant: str = typer.Option(None, "--variant", help="The study variant this run is."),
 ) -> None:
     """Start a new training run."""
     from engine.config import resolve
     from engine.data import require_dataset
     from engine.distributed import broadcast_object, check_divisible, init_world
-    from engine.run_store import RunDir, create_run
+    from engine.run_store import RunDir
     from engine.trainer import pick_device
 
     cfg = resolve(preset, config, set_)
@@ -145,7 +148,9 @@ def run(
         require_dataset(cfg.data.dataset, reporter=_reporter())
     else:
         require_dataset(cfg.data.dataset, refresh=False)
-    path = str(create_run(cfg.to_dict(), name).path) if world.is_main else None
+    from mamlpp_tui.study_cli import new_run
+
+    path = str(new_run(cfg, name, study, variant).path) if world.is_main else None
     _start(RunDir(Path(broadcast_object(path, world))), device, detach, no_tui, world)
 
 
@@ -280,11 +285,16 @@ def show(
 
 
 @app.command()
-def watch(run_ref: str = typer.Argument(..., metavar="RUN")) -> None:
-    """Open the live dashboard on a run (running, paused, finished or crashed)."""
-    from mamlpp_tui.dashboard import run_dashboard
+def watch(run_ref: str = typer.Argument(..., metavar="RUN|STUDY")) -> None:
+    """Open the live dashboard on a run (running, paused, finished or crashed), or the study
+    view on a study (Enter opens a member's dashboard, Escape comes back)."""
+    from mamlpp_tui.study_cli import watch as watch_any
 
-    run_dashboard(_open_run(run_ref).path)
+    watch_any(run_ref)
+
+
+# `sweep`, `ablate`, `study show|resume|collect` and `studies` live in mamlpp_tui/study_cli.py.
+__import__("mamlpp_tui.study_cli", fromlist=["register"]).register(app)
 
 
 # `mamlpp predict` and `mamlpp export` live in their own modules (they import torch when run).
