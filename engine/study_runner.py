@@ -107,17 +107,21 @@ class StudySnapshot:
         return sum(1 for m in self.members if m.state in states)
 
 
-def study_eta(members: list[MemberProgress], parallel: int) -> float | None:
-    """Seconds left: the iterations left over the mean known rate times the members that can
-    run at once (None until some rate is known)."""
+def study_eta(members: list[MemberProgress], parallel: int,
+              rate: float | None = None) -> float | None:
+    """Seconds left: the iterations left over a member's rate times the members that can run
+    at once. `rate` is the whole-member rate measured on members finished in this session
+    (start-up, validation and the ensemble included); else the mean rate of running members
+    (None until one is known)."""
     rates = [m.rate for m in members if m.rate]
     left = [m for m in members if m.state not in ("finished", "failed", "stopped", "deleted")]
     if not left:
         return 0.0
-    if not rates:
+    if rate is None and not rates:
         return None
+    rate = rate or sum(rates) / len(rates)
     remaining = sum(max(0, m.total - m.iteration) for m in left)
-    return remaining / (sum(rates) / len(rates) * max(1, min(parallel, len(left))))
+    return remaining / (rate * max(1, min(parallel, len(left))))
 
 
 # ---------------------------------------------------------------- devices
@@ -164,6 +168,7 @@ class _Job:
     proc: subprocess.Popen[bytes]
     slot: int
     started: float
+    first_iteration: int
 
 
 @dataclass
@@ -199,6 +204,8 @@ class StudyRunner:
         self.outcome = StudyOutcome()
         self.started = time.monotonic()
         self.stopping = False
+        self.done_iterations = 0  # of members finished in this session, and their wall time
+        self.done_seconds = 0.0
 
     # -- entry point
 
@@ -302,7 +309,8 @@ class StudyRunner:
                  "--parent", str(os.getpid())],
                 stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
                 start_new_session=True, env=env)
-        self.jobs_running[slot] = _Job(member, run, proc, slot, time.monotonic())
+        self.jobs_running[slot] = _Job(member, run, proc, slot, time.monotonic(),
+                                       status.get("iteration") or 0)
         progress.state = "running"
         progress.note = ""
         where = f" on GPU {gpu}" if gpu is not None else ""
@@ -322,6 +330,8 @@ class StudyRunner:
         if state == "finished":
             progress.state = "finished"
             self.outcome.finished.append(label)
+            self.done_iterations += progress.total - job.first_iteration
+            self.done_seconds += time.monotonic() - job.started
             acc = (job.run.read_ensemble() or {}).get("accuracy")
             result = f", test accuracy {100 * acc:.2f}%" if isinstance(acc, float) else ""
             self.on_message(f"{label}: finished run {job.run.run_id}{result}")
@@ -353,8 +363,9 @@ class StudyRunner:
                               if progress.rate else None)
         members = list(self.progress.values())
         parallel = max(1, len(self.jobs_running)) if self.stopping else self.jobs
+        rate = self.done_iterations / self.done_seconds if self.done_iterations else None
         self.on_snapshot(StudySnapshot(self.study.id, members, self.jobs, now - self.started,
-                                       study_eta(members, parallel), self.stopping))
+                                       study_eta(members, parallel, rate), self.stopping))
 
     def _stop_all(self) -> None:
         """Ctrl-C or SIGTERM: every running member checkpoints and stops at its next iteration

@@ -29,7 +29,7 @@ JOBS_HELP = ("Members run at once (default 1, one after another). On CUDA each j
              "cores/N threads.")
 
 Preset = Annotated[str | None, typer.Argument(
-    metavar="[PRESET]", help="Preset name (default quickstart); or give --config.",
+    metavar="PRESET", help="Preset name (default quickstart); or give --config.",
     show_default=False)]
 Seeds = Annotated[str | None, typer.Option(
     "--seeds", help="Seeds (train.seed) as 0,1,2; default: the config's seed.")]

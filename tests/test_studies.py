@@ -332,6 +332,35 @@ def test_edited_or_deleted_member_runs_are_refused_and_kept(home: Path, capsys) 
     assert json.loads(out)[0]["state"] == "needs attention"
 
 
+# ---------------------------------------------------------------- ETAs and devices
+
+
+def test_rates_etas_and_gpu_slots(monkeypatch: pytest.MonkeyPatch) -> None:
+    from engine.study_runner import MemberProgress, RateTracker, gpu_slots, study_eta
+
+    rates = RateTracker(window=100)
+    for t, it in [(0, 0), (10, 5), (20, 10), (30, 10)]:
+        rates.add("r", it, now=t)
+    assert rates.rate("r", now=40) == pytest.approx(10 / 40)  # a stall counts until now
+    rates.add("r", 3, now=50)  # resumed from an earlier checkpoint: start over
+    assert rates.rate("r", now=51) is None
+    members = [MemberProgress("a", 0, "x", "finished", 100, 100),
+               MemberProgress("a", 1, "y", "running", 40, 100, rate=2.0),
+               MemberProgress("b", 0, None, "queued", 0, 100),
+               MemberProgress("b", 1, None, "queued", 0, 100)]
+    assert study_eta(members, 1) == pytest.approx(260 / 2.0)
+    assert study_eta(members, 2) == pytest.approx(260 / 4.0)
+    assert study_eta(members, 2, rate=0.5) == pytest.approx(260 / 1.0)
+    assert study_eta(members[:1], 1) == 0.0
+    assert study_eta([MemberProgress("a", 0, None, "queued", 0, 9)], 1) is None
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "2,3")
+    assert gpu_slots("auto", 3) == ["2", "3", "2"]
+    assert gpu_slots("cuda:1", 2) == ["3", "3"]
+    assert gpu_slots("cpu", 2) == [None, None]
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")
+    assert gpu_slots("auto", 2) == [None, None]
+
+
 # ---------------------------------------------------------------- the study view
 
 
