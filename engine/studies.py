@@ -699,6 +699,11 @@ def member_run_for(study: Study, member: Member) -> RunDir:
                 check_member_config(study, member, run)
                 study.link(member, run)
                 return run
+        linked = study.linked_run(member)
+        if linked is not None:  # its run was deleted (or lost its tag) since it was linked
+            raise UserError(f"Run {linked} ({member.label} of study {study.id}) is gone from "
+                            f"the runs folder; `mamlpp study resume {study.id} --rerun-deleted` "
+                            "starts that member afresh.")
         run = create_run({**member.config, "study": study.tag(member)},
                          run_name(study.id, member.variant, member.seed))
         study.link(member, run)

@@ -278,11 +278,18 @@ class StudyRunner:
             if name == "quickstart":
                 load_dataset(name)
 
-    def _start(self, member: Member, slot: int) -> tuple[str, RunDir]:
+    def _start(self, member: Member, slot: int) -> tuple[str, RunDir | None]:
         """Start (or resume) the member's run in `slot`: ("started" | "finished" (nothing to
-        do) | "waiting" (another process holds its run), the run)."""
-        run = member_run_for(self.study, member)
+        do) | "waiting" (another process holds its run) | "failed" (its run cannot be used),
+        the run)."""
         progress = self.progress[_key(member)]
+        try:
+            run = member_run_for(self.study, member)
+        except UserError as e:  # deleted or edited by hand while the study ran
+            progress.state = "failed"
+            self.outcome.failed.append((member.label, str(e)))
+            self.on_message(f"{member.label}: {e}")
+            return "failed", None
         progress.run_id = run.run_id
         status = run.reconcile_status()
         if status.get("state") == "finished":

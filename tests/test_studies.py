@@ -327,6 +327,12 @@ def test_edited_or_deleted_member_runs_are_refused_and_kept(home: Path, capsys) 
         line = one_sentence(*run_main(capsys, *argv)[::2])
         assert f"Run {b.run_id} (base seed 1 of study ed) was deleted" in line
         assert "--rerun-deleted" in line
+    from engine.errors import UserError
+    from engine.studies import find_study, member_run_for
+
+    with pytest.raises(UserError, match=f"Run {b.run_id} .* is gone"):  # mid-study: no new run
+        member_run_for(find_study("ed"), study.member("base", 1))
+    assert [p.name for p in (home / "runs").iterdir()] == [a.run_id]
     assert a.path.exists() and (home / "studies" / "ed" / "study.json").exists()
     code, out, _ = run_main(capsys, "studies", "--json")
     assert json.loads(out)[0]["state"] == "needs attention"
