@@ -100,7 +100,7 @@ def reference_split(names: Sequence[str],
 def class_names_of(manifest: dict[str, Any]) -> dict[str, list[str]]:
     """Class names per split, as listed in a cache manifest."""
     return {s: list(v.get("class_names") or [str(i) for i in range(v["classes"])])
-            for s, v in manifest["splits"].items()}
+            for s, v in (manifest.get("splits") or {}).items()}
 
 
 def split_digest(class_names: dict[str, list[str]]) -> str:
