@@ -16,11 +16,14 @@ several members their query logits are averaged (`torch.stack(...).mean(0)`, as
   with fewer classes than the run's ways uses the first outputs only (the others still take
   part in the adaptation's cross-entropy, as a task's unused labels would); more classes than
   ways is refused.
-- Queries are predicted in groups of at most the run's evaluation query-set size (ways x
-  queries images, split evenly, in the order given), each group as one evaluation task: with
-  bn_eval_stats = "batch" (the paper's setting) batch norm normalises a query with its group's
-  statistics, exactly as evaluation did, so a prediction can depend on the other images of its
-  group. Groups run as tasks of one `evaluate` call, adapted in parallel like evaluation's.
+- The queries are one query set, predicted in one pass as evaluation predicts a task's query
+  set: with bn_eval_stats = "batch" (the paper's setting) batch norm normalises them with the
+  query set's own statistics, so a prediction depends on the other queries, and a set that
+  mixes the classes, as evaluation's tasks do, is what the model was trained for (one image, or
+  images of one class only, get worse predictions). A set larger than `max_query_group` images
+  (about 256 MiB of first-layer activations, never fewer than the run's ways x queries) is
+  dealt round-robin into equal groups (query i to group i mod G), so each group is a sample of
+  the whole set whatever its order; the groups run as tasks of one `evaluate` call.
 - On CPU each task runs with the intra-op thread count evaluation's batches used
   (threads // task_threads), so the same task gives bit-identical logits in `mamlpp ensemble`
   and here.
@@ -91,7 +94,8 @@ def resolve_source(ref: str | Path, members: str | None = None) -> ModelSource:
     if path.is_dir():
         if (path / MANIFEST).is_file():
             return read_export(path, members)
-        if (path / "config.json").is_file() and (path / "checkpoints").exists():
+        if (path / "config.json").is_file() and any(
+                (path / f).exists() for f in ("status.json", "events.jsonl", "checkpoints")):
             from engine.run_store import RunDir
 
             return read_run(RunDir(path.resolve()), members)
@@ -217,16 +221,13 @@ def _evaluation_threads(device: torch.device, workers: int, tasks: int):
         torch.set_num_threads(threads)
 
 
-def query_groups(n: int, size: int) -> list[tuple[int, int]]:
-    """(start, stop) of ceil(n / size) groups of near-equal size, in order."""
+GROUP_BYTES = 256 << 20  # first-layer activations of one query group
+
+
+def query_groups(n: int, size: int) -> list[torch.Tensor]:
+    """Query indices of ceil(n / size) groups, dealt round-robin: group g holds g, g + G, ..."""
     groups = max(1, math.ceil(n / max(1, size)))
-    base, extra = divmod(n, groups)
-    out, start = [], 0
-    for g in range(groups):
-        stop = start + base + (1 if g < extra else 0)
-        out.append((start, stop))
-        start = stop
-    return out
+    return [torch.arange(g, n, groups) for g in range(groups)]
 
 
 class FewShotModel:
@@ -248,6 +249,14 @@ class FewShotModel:
     @property
     def ways(self) -> int:
         return self.config.data.ways
+
+    @property
+    def max_query_group(self) -> int:
+        """Most queries predicted in one pass: about GROUP_BYTES of first-layer activations,
+        and at least the run's own query set (ways x queries)."""
+        _, h, w = self.preprocessing.image_shape
+        per_image = self.config.model.filters * h * w * 4
+        return max(self.config.data.ways * self.config.data.queries, GROUP_BYTES // per_image)
 
     def _load(self, member: Member) -> None:
         try:
@@ -328,6 +337,7 @@ class AdaptedModel:
         self.support_labels = labels
         self.steps = steps or model.config.train.eval_inner_steps
         self.notes = notes
+        self.max_query_group = model.max_query_group
 
     def logits(self, images: Sequence[Any] | torch.Tensor) -> torch.Tensor:
         """Query logits [N, classes], averaged over the members."""
@@ -357,11 +367,9 @@ class AdaptedModel:
         prep = model.preprocessing
         xs = prep.to_float(self.support_pixels)
         xq = prep.to_float(query)
-        group = model.config.data.ways * model.config.data.queries
-        groups = query_groups(n, group)
-        by_size: dict[int, list[tuple[int, int]]] = {}
-        for start, stop in groups:
-            by_size.setdefault(stop - start, []).append((start, stop))
+        by_size: dict[int, list[torch.Tensor]] = {}
+        for index in query_groups(n, self.max_query_group):
+            by_size.setdefault(len(index), []).append(index)
         member_logits = []
         for member in model.members:
             model._load(member)
@@ -371,13 +379,13 @@ class AdaptedModel:
                 batch = TaskBatch(
                     xs.expand(b, *xs.shape).contiguous(),
                     self.support_labels.expand(b, -1).contiguous(),
-                    torch.stack([xq[s:e] for s, e in parts]),
+                    torch.stack([xq[index] for index in parts]),
                     torch.zeros(b, size, dtype=torch.int64))
                 with _evaluation_threads(model.device, model.learner.paths.task_threads, b):
                     result = model.learner.evaluate(batch, steps=self.steps)
                 logits = result.logits.float().cpu()
-                for (s, e), lg in zip(parts, logits):
-                    out[s:e] = lg
+                for index, lg in zip(parts, logits):
+                    out[index] = lg
             member_logits.append(out)
         stacked = torch.stack(member_logits)  # as engine.evaluation.ensemble averages them
         k = len(self.classes)

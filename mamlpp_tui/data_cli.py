@@ -233,7 +233,8 @@ def info(
             split, c = splits[i] if i < len(splits) else ("", None)
             rows.append([about[i] if i < len(about) else "", split,
                          "" if c is None else str(c["classes"]),
-                         "" if c is None else str(c["per_class"]),
+                         "" if c is None else str(c["per_class"])
+                         + (f"-{c['per_class_max']}" if "per_class_max" in c else ""),
                          "" if c is None else f"{c['images']:,}"])
         rows.append(None)  # a line between datasets
     table = fitted_table(

@@ -16,6 +16,7 @@ from PIL import Image
 
 from engine.config import ConfigError, resolve
 from engine.data import TaskSampler, load_cached, load_dataset, require_dataset
+from engine.data.datasets import dataset_info
 from engine.data.folder import import_folder, parse_split, run_data_notes
 from engine.errors import UserError
 from engine.preprocess import Preprocessing
@@ -143,6 +144,10 @@ def test_cache_reloads_and_verifies(mixed):
     assert dataset.class_counts, "the mixed folder has classes of different sizes"
     for split, counts in dataset.class_counts.items():
         assert dataset.splits[split].shape[0] == sum(counts)
+    info = next(d for d in dataset_info(root)["datasets"] if d["name"] == "photos")
+    for split, counts in dataset.class_counts.items():
+        assert (info["splits"][split]["per_class"], info["splits"][split]["per_class_max"],
+                info["splits"][split]["images"]) == (min(counts), max(counts), sum(counts))
 
 
 def test_varying_counts_sample_distinct_images_of_each_class_and_skip_small_ones(mixed):

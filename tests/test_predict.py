@@ -20,7 +20,7 @@ from PIL import Image
 from safetensors.torch import load_file
 
 from engine.data import load_dataset, sampler_for
-from engine.data.folder import split_by_fractions
+from engine.data.folder import import_folder, split_by_fractions
 from mamlpp_tui import cli
 from tests.own_data_fixtures import grey_characters_folder, needs_images, save
 from tests.run_fixtures import mamlpp, sets
@@ -41,10 +41,8 @@ def trained(tmp_path_factory):
     for f in sorted((src / small).iterdir())[4:]:
         f.unlink()
     (src / names[0] / "README.txt").write_text("not an image")
-    r = mamlpp(home, "data", "import", "folder", str(src), "--name", "glyphs", "--size", "28",
-               "--channels", "1")
-    assert r.returncode == 0, r.stderr
-    assert "skipped 1 unreadable or non-image file" in r.stdout
+    dataset = import_folder(src, "glyphs", size=28, channels=1, root=home / "data")
+    assert dataset.manifest["skipped_files"] == 1
     r = mamlpp(home, "run", "--no-tui", "--name", "my-run", *sets(
         "data.dataset=glyphs", "data.queries=5", "train.epochs=3", "train.iters_per_epoch=3"))
     assert r.returncode == 0, r.stdout + r.stderr
@@ -287,15 +285,22 @@ def test_fewer_classes_than_ways_and_more_queries_than_a_query_set(trained, monk
     support = [first(c, 0) for c in range(3)]
     adapted = model.adapt(support, ["a", "b", "c"])
     assert "3 classes on a 5-way model" in adapted.notes[0]
-    queries = torch.stack([first(c, i) for c in range(3) for i in range(1, 13)])  # 36 > 25
+    queries = torch.stack([first(c, i) for c in range(3) for i in range(1, 13)])
     probs = adapted.predict_proba(queries)
     assert probs.shape == (36, 3) and torch.allclose(probs.sum(-1), torch.ones(36))
-    # queries go in groups of at most ways * queries = 25, evenly: 18 + 18; each group is the
-    # same computation as predicting that group alone
-    alone = adapted.predict_proba(queries[18:])
-    assert torch.equal(alone, probs[18:])
+    assert adapted.max_query_group >= 36  # one query set, as evaluation predicts a task's
+    # a larger set is dealt round-robin into groups: each the same computation as predicting
+    # that group alone
+    adapted.max_query_group = 20
+    grouped = adapted.predict_proba(queries)
+    assert torch.equal(adapted.predict_proba(queries[1::2]), grouped[1::2])
+    assert not torch.equal(grouped, probs)  # batch statistics of the query set
+    adapted.max_query_group = 100
     assert adapted.predict(queries[:2]) == [adapted.classes[i]
                                            for i in adapted.logits(queries[:2]).argmax(-1)]
+    # fewer adaptation steps give another prediction
+    one_step = model.adapt(support, ["a", "b", "c"], steps=1).logits(queries)
+    assert not torch.equal(one_step, adapted.logits(queries))
 
 
 def test_readme_python_example_runs(trained, tmp_path):

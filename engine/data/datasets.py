@@ -98,7 +98,8 @@ def dataset_info(root: Path | None = None) -> dict[str, Any]:
         if "error" in m:
             datasets.append({"name": m["name"], "path": m["path"], "error": m["error"]})
             continue
-        splits = {s: {k: v[k] for k in ("classes", "per_class", "images")}
+        splits = {s: {k: v[k] for k in ("classes", "per_class", "per_class_max", "images")
+                      if k in v}
                   for s, v in m["splits"].items()}
         datasets.append({
             "name": m["name"],
