@@ -37,6 +37,8 @@ class World:
     finished: str = ""
     ensemble: dict[str, Any] = field(default_factory=dict)
     datasets: list[str] = field(default_factory=list)
+    prediction: Any = None  # engine.adapt.Prediction that `predict` prints
+    study: str = ""
 
 
 # One line per table-printing command: (arguments, names that must appear whole) from World.
@@ -48,6 +50,13 @@ COMMANDS = {
     "data info": lambda w: (["data", "info"], [*w.datasets, "train", "val", "test"]),
     "ensemble": lambda w: (["ensemble", w.finished],
                            [*(f"epoch {e}" for e in w.ensemble["members"]), "ensemble"]),
+    "compare": lambda w: (["compare", w.finished, _id(w, "stopped")],
+                          [w.finished, _id(w, "stopped"), "finished", "stopped"]),
+    "predict": lambda w: (["predict", w.finished, "--support", "s", "--query", "q"],
+                          [*w.prediction.paths, *w.prediction.predicted]),
+    "studies": lambda w: (["studies"], [w.study, "incomplete"]),
+    "study show": lambda w: (["study", "show", w.study],
+                             ["maml", "+bnrs+bnwb", "1/2: 1 stopped", "0/2: 2 not started"]),
 }
 
 
@@ -103,6 +112,19 @@ def world(tmp_path_factory):
         _cache(home / "data", "miniimagenet", {s: len(v) for s, v in names.items()},
                (3, 8, 8), None, names)
         w.datasets = ["omniglot", "miniimagenet"]
+        w.prediction = _prediction()
+        from engine.config import from_dict
+        from engine.studies import create_study, create_tagged_run, plan_ablation
+
+        study, _ = create_study(plan_ablation("omniglot-20w1s", None, [], [0, 1],
+                                              ["maml", "+bnrs+bnwb"]), "ladder-omniglot-20w1s")
+        w.study = study.id
+        for seed, state in ((0, "finished"), (1, "stopped")):
+            run = create_tagged_run(study.id, "maml",
+                                    from_dict(study.member("maml", seed).config))
+            run.write_status(state=state, iteration=50000 if seed == 0 else 1234)
+            if seed == 0:
+                run.write_ensemble(w.ensemble)
         yield w
         for run in held:
             run.release_lock()
@@ -119,12 +141,29 @@ def _cache(root: Path, name: str, sizes: dict[str, int], shape: tuple[int, int, 
         writer.commit(fields)
 
 
+def _prediction():
+    """What `predict` prints a table of: five bird classes, six queries in class folders."""
+    from engine.adapt import Member, Prediction
+
+    classes = ["barn_owl", "snowy_owl", "great_horned_owl", "kestrel", "red_kite"]
+    picks = [0, 1, 2, 3, 4, 2]
+    probabilities = torch.full((6, 5), 0.05)
+    probabilities[range(6), picks] = 0.8
+    return Prediction(classes, [f"queries/{classes[c]}/IMG_2024061{i}_0001.jpg"
+                                for i, c in enumerate(picks)],
+                      [classes[c] for c in picks], probabilities, probabilities.log(),
+                      [Member("epoch-0011", 11, 0.71, {})], "best", 5,
+                      {"predict": 0.2, "read": 0.1}, [])
+
+
 def _render(w: World, argv: list[str], width: int, monkeypatch, capsys) -> str:
     from mamlpp_tui import cli
 
     monkeypatch.setenv("MAMLPP_HOME", str(w.home))
     monkeypatch.setenv("COLUMNS", str(width))  # rich reads it, as in a terminal that wide
     monkeypatch.setattr("engine.trainer.run_ensemble", lambda *a, **k: w.ensemble)
+    monkeypatch.setattr("engine.adapt.load", lambda *a, **k: None)  # predict's computation
+    monkeypatch.setattr("engine.adapt.predict_folders", lambda *a, **k: w.prediction)
     try:
         cli.main(argv)
     except SystemExit as e:
