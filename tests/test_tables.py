@@ -37,7 +37,6 @@ class World:
     finished: str = ""
     ensemble: dict[str, Any] = field(default_factory=dict)
     datasets: list[str] = field(default_factory=list)
-    prediction: Any = None  # engine.adapt.Prediction that `predict` prints
     study: str = ""
 
 
@@ -50,10 +49,6 @@ COMMANDS = {
     "data info": lambda w: (["data", "info"], [*w.datasets, "train", "val", "test"]),
     "ensemble": lambda w: (["ensemble", w.finished],
                            [*(f"epoch {e}" for e in w.ensemble["members"]), "ensemble"]),
-    "compare": lambda w: (["compare", w.finished, _id(w, "stopped")],
-                          [w.finished, _id(w, "stopped"), "finished", "stopped"]),
-    "predict": lambda w: (["predict", w.finished, "--support", "s", "--query", "q"],
-                          [*w.prediction.paths, *w.prediction.predicted]),
     "studies": lambda w: (["studies"], [w.study, "incomplete"]),
     "study show": lambda w: (["study", "show", w.study],
                              ["maml", "+bnrs+bnwb", "1/2: 1 stopped", "0/2: 2 not started"]),
@@ -112,7 +107,6 @@ def world(tmp_path_factory):
         _cache(home / "data", "miniimagenet", {s: len(v) for s, v in names.items()},
                (3, 8, 8), None, names)
         w.datasets = ["omniglot", "miniimagenet"]
-        w.prediction = _prediction()
         from engine.config import from_dict
         from engine.studies import create_study, create_tagged_run, plan_ablation
 
@@ -141,29 +135,12 @@ def _cache(root: Path, name: str, sizes: dict[str, int], shape: tuple[int, int, 
         writer.commit(fields)
 
 
-def _prediction():
-    """What `predict` prints a table of: five bird classes, six queries in class folders."""
-    from engine.adapt import Member, Prediction
-
-    classes = ["barn_owl", "snowy_owl", "great_horned_owl", "kestrel", "red_kite"]
-    picks = [0, 1, 2, 3, 4, 2]
-    probabilities = torch.full((6, 5), 0.05)
-    probabilities[range(6), picks] = 0.8
-    return Prediction(classes, [f"queries/{classes[c]}/IMG_2024061{i}_0001.jpg"
-                                for i, c in enumerate(picks)],
-                      [classes[c] for c in picks], probabilities, probabilities.log(),
-                      [Member("epoch-0011", 11, 0.71, {})], "best", 5,
-                      {"predict": 0.2, "read": 0.1}, [])
-
-
 def _render(w: World, argv: list[str], width: int, monkeypatch, capsys) -> str:
     from mamlpp_tui import cli
 
     monkeypatch.setenv("MAMLPP_HOME", str(w.home))
     monkeypatch.setenv("COLUMNS", str(width))  # rich reads it, as in a terminal that wide
     monkeypatch.setattr("engine.trainer.run_ensemble", lambda *a, **k: w.ensemble)
-    monkeypatch.setattr("engine.adapt.load", lambda *a, **k: None)  # predict's computation
-    monkeypatch.setattr("engine.adapt.predict_folders", lambda *a, **k: w.prediction)
     try:
         cli.main(argv)
     except SystemExit as e:
