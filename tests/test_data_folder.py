@@ -266,6 +266,11 @@ def test_cli_import_then_any_preset_takes_it(tmp_path, monkeypatch, capsys):
     assert code == 2 and "model.stages must be at most 3" in err and len(err.splitlines()) == 1
     assert resolve("quickstart", overrides=["data.dataset=tiny", "model.stages=3"]).image_shape \
         == (3, 8, 8)
+    code = _main(["run", "--no-tui", "--set", "data.dataset=tiny", "--set", "model.stages=3",
+                  "--set", "data.queries=3"])
+    err = capsys.readouterr()[1]
+    assert code == 2 and "has 0 (its largest class has 3 images)" in err, err
+    assert not (tmp_path / "home" / "runs").exists()  # refused before a run was made
     code = _main(["run", "--no-tui", "--set", "data.dataset=nosuch"])
     err = capsys.readouterr()[1]
     assert code == 2 and "mamlpp data import folder PATH --name nosuch" in err

@@ -406,12 +406,25 @@ def exclusion_notes(manifest: dict[str, Any], shots: int, queries: int) -> list[
 
 
 def run_data_notes(config) -> list[str]:  # noqa: ANN001 - engine.config.Config
-    """Before a run starts: an imported dataset's image shape checked against the network
-    (a ConfigError naming model.stages) and the warnings `exclusion_notes` gives."""
+    """Before a run starts, for an imported dataset: its image shape checked against the
+    network (a ConfigError naming model.stages), enough classes with shots + queries images in
+    every split (a ConfigError naming the keys), and the warnings `exclusion_notes` gives."""
+    from engine.config import ConfigError
     from engine.data.cache import read_manifest
 
     if config.data.dataset in BUILTIN:
         return []
     config.image_shape  # noqa: B018 - reads the manifest and checks model.stages
     manifest = read_manifest(config.data.dataset) or {}
-    return exclusion_notes(manifest, config.data.shots, config.data.queries)
+    d = config.data
+    need = d.shots + d.queries
+    for split, info in (manifest.get("splits") or {}).items():
+        counts = info.get("counts") or [info["per_class"]] * info["classes"]
+        usable = sum(n >= need for n in counts)
+        if usable < d.ways:
+            raise ConfigError(
+                f"data.ways = {d.ways} with data.shots + data.queries = {need} needs {d.ways} "
+                f"classes of {need} images or more in every split, but the {split} split of "
+                f"{d.dataset} has {usable} (its largest class has {max(counts)} images); lower "
+                "data.queries, data.shots or data.ways.")
+    return exclusion_notes(manifest, d.shots, d.queries)
