@@ -139,9 +139,10 @@ def model_card(m: dict[str, Any]) -> str:
         "",
         "## Task",
         "",
-        f"- trained {d['ways']}-way {d['shots']}-shot on `{d['dataset']}`, {d['queries']} query "
-        f"images per class; adapts in {t['eval_inner_steps']} inner steps with learned per-layer, "
-        f"per-step rates and per-step batch norm (`bn_eval_stats = \"{p['bn_eval_stats']}\"`)",
+        f"- trained {d['ways']}-way {d['shots']}-shot on `{d['dataset']}` ({d['queries']} "
+        f"{'query' if d['queries'] == 1 else 'queries'} per class in a task); adapts in "
+        f"{t['eval_inner_steps']} inner steps with learned per-layer, per-step rates and "
+        f"per-step batch norm (`bn_eval_stats = \"{p['bn_eval_stats']}\"`)",
         f"- input: {prep.describe()}",
         f"- training: {t['epochs']} epochs x {t['iters_per_epoch']} iterations, meta-batch "
         f"{t['meta_batch']}, meta_lr {t['meta_lr']}, {cfg['model']['filters']} filters x "
@@ -186,7 +187,10 @@ def model_card(m: dict[str, Any]) -> str:
         "```",
         "",
         f"SUPPORT_DIR holds one sub-folder per class (at most {d['ways']} classes) with a few "
-        "images each; class names are the folder names.",
+        "images each; class names are the folder names."
+        + (" The queries are predicted together as one query set, whose own batch statistics "
+           "normalise them (as in evaluation): give several that mix the classes."
+           if p["bn_eval_stats"] == "batch" else ""),
         "",
         "## Files",
         "",
