@@ -16,6 +16,7 @@ from engine import checkpoints as ckpt
 from engine.run_store import RunDir
 
 WIDER_NOTE = "a wider terminal or --json shows all"
+FOLDED_WIDTH = 10  # what an identifying column folded over lines is counted as when fitting
 
 
 @dataclass(frozen=True)
@@ -24,8 +25,9 @@ class Column:
 
     header       the heading.
     identifying  what names a row (preset name, run id, state, dataset, split, member): always
-                 shown, whole, on one line (as wide as its longest cell); folded over lines
-                 only when the identifying columns alone are wider than the terminal.
+                 shown, whole, on one line (as wide as its longest cell); when the identifying
+                 columns alone are wider than the terminal, the widest of them fold over lines
+                 (never cut) and the others stay whole.
     priority     for the other columns: when a row does not fit, the column with the lowest
                  priority is dropped first (ties: the rightmost), and a caption names what was
                  dropped. Give what a reader most needs the highest number.
@@ -88,19 +90,24 @@ def fitted_table(columns: Sequence[Column], rows: Sequence[Sequence[str] | None]
         if not droppable:
             break
         keep.remove(min(droppable, key=lambda i: (columns[i].priority, -i)))
-    cramped = sum(least(i) for i in keep) + _overhead(len(keep)) > width
+    # identifying columns that are still too wide together: the widest fold over lines (never
+    # cut), as few of them as lets the others stay whole
+    folded: set[int] = set()
+    for i in sorted((i for i in keep if columns[i].identifying), key=lambda i: -need[i]):
+        if sum(FOLDED_WIDTH if j in folded else least(j) for j in keep) \
+                + _overhead(len(keep)) <= width:
+            break
+        folded.add(i)
     dropped = [columns[i].header for i in range(len(columns)) if i not in keep]
     caption = f"not shown: {', '.join(dropped)} ({note})" if dropped else None
     table = Table(title=title, caption=caption, caption_justify="left",
                   show_header=show_header)
     for i in keep:
         col = columns[i]
-        if col.identifying and not cramped:
-            table.add_column(col.header, no_wrap=True, min_width=need[i], justify=col.justify,
-                             style=col.style)
-        elif col.wrap or col.identifying:  # an identifying one here: folded, never cut
-            table.add_column(col.header, overflow="fold",
-                             min_width=None if col.identifying else least(i),
+        if i in folded:
+            table.add_column(col.header, overflow="fold", justify=col.justify, style=col.style)
+        elif col.wrap and not col.identifying:
+            table.add_column(col.header, overflow="fold", min_width=least(i),
                              justify=col.justify, style=col.style)
         else:
             table.add_column(col.header, no_wrap=True, min_width=need[i], justify=col.justify,
