@@ -30,6 +30,7 @@ import json
 import math
 import os
 import re
+import signal
 from pathlib import Path
 from typing import Any
 
@@ -52,6 +53,29 @@ LATEST = "latest.json"
 TENSOR_EXT = ".safetensors"
 SIDECAR_EXT = ".json"
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
+
+# Test hook, off unless set: MAMLPP_TEST_KILL_AT="<point>:<n>" makes the process SIGKILL itself
+# the n-th time `save_checkpoint` reaches <point> (tests/test_runs.py resumes from each point).
+KILL_POINTS = (
+    "tensor-temp",     # the tensor file's temp written and fsynced, the sidecar's not yet
+    "temps",           # both temps written and fsynced, nothing renamed
+    "tensor-renamed",  # the tensor file in place, its sidecar still a temp
+    "renamed",         # both in place, the directory not yet fsynced
+    "dir-synced",      # the directory fsynced, latest.json still on the previous checkpoint
+    "saved",           # latest.json on the new checkpoint
+)
+_kill_at = os.environ.get("MAMLPP_TEST_KILL_AT", "").partition(":")
+if _kill_at[0] and _kill_at[0] not in KILL_POINTS:
+    raise ValueError(f"MAMLPP_TEST_KILL_AT names no point of {KILL_POINTS}: {_kill_at[0]!r}")
+_kills_seen = 0
+
+
+def _test_kill(point: str) -> None:
+    global _kills_seen
+    if point == _kill_at[0]:
+        _kills_seen += 1
+        if _kills_seen == int(_kill_at[2] or 1):
+            os.kill(os.getpid(), signal.SIGKILL)
 
 
 class CheckpointError(UserError):
@@ -116,12 +140,18 @@ def save_checkpoint(directory: Path, name: str, tensors: dict[str, torch.Tensor]
     temps: list[Path] = []
     try:
         temps.append(write_temp(tensor_path, data))
+        _test_kill("tensor-temp")
         temps.append(write_temp(sidecar_path, (_sidecar_text(sidecar) + "\n").encode()))
+        _test_kill("temps")
         os.replace(temps[0], tensor_path)
+        _test_kill("tensor-renamed")
         os.replace(temps[1], sidecar_path)
+        _test_kill("renamed")
         fsync_dir(directory)
+        _test_kill("dir-synced")
         if update_latest:
             write_latest(directory, name)
+        _test_kill("saved")
     except BaseException as e:
         for tmp in temps:  # already renamed ones are gone; the rest must not linger
             with contextlib.suppress(FileNotFoundError):

@@ -26,8 +26,10 @@ def sets(*overrides: str) -> list[str]:
     return out
 
 
-def mamlpp(home: Path, *args: str, timeout: float = 180) -> subprocess.CompletedProcess:
-    env = dict(os.environ, MAMLPP_HOME=str(home))
+def mamlpp(home: Path, *args: str, timeout: float = 180,
+           env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+    """`mamlpp ARGS` in a fresh process under MAMLPP_HOME=home, `env` added to the environment."""
+    env = dict(os.environ, MAMLPP_HOME=str(home), **(env or {}))
     return subprocess.run([sys.executable, "-m", "mamlpp_tui", *args], env=env,
                           capture_output=True, text=True, timeout=timeout, stdin=subprocess.DEVNULL)
 

@@ -136,18 +136,110 @@ def test_kill9_at_random_moments_then_resume_is_bit_identical(home, finished):
         assert torch.equal(a[k], b[k]), (k, story(home, run_id))
 
 
+# The checkpoints `finished`'s config saves, in order (checkpoint_every=3, 4 iterations an
+# epoch): (name, iteration). A kill inside a save resumes from the one before it, or from it
+# once latest.json points at it.
+SAVES = [("iter-00000003", 3), ("epoch-0000", 4), ("iter-00000006", 6), ("epoch-0001", 8),
+         ("iter-00000009", 9), ("epoch-0002", 12)]
+
+
+def kill_at(point: str, nth: int) -> dict[str, str]:
+    """The engine's test hook: SIGKILL itself at `point` of its nth checkpoint save."""
+    return {"MAMLPP_TEST_KILL_AT": f"{point}:{nth}"}
+
+
+def killed_in_save(home, point: str, nth: int, name: str) -> str:
+    """A run of `finished`'s config killed at `point` of its nth save; returns its id."""
+    r = mamlpp(home, "run", "--no-tui", "--name", name, *sets("train.checkpoint_every=3"),
+               env=kill_at(point, nth))
+    assert r.returncode == -signal.SIGKILL, r.stdout + r.stderr
+    (run_id,) = [d.name for d in (home / "runs").iterdir() if d.name.startswith(name + "-")]
+    return run_id
+
+
+def resumed_at(home, run_id) -> list[int]:
+    return [e["iteration"] for e in events(home, run_id)
+            if e["type"] == "state" and e["reason"] == "resumed"]
+
+
+def assert_same_end(home, run_id, reference):
+    """Bit-identical final tensors, the same validation history, the same checkpoints kept and
+    no temp file left behind."""
+    a, b = final_tensors(home, run_id), final_tensors(home, reference)
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), (k, story(home, run_id))
+
+    def kept(rid):
+        ckpts = run_dir(home, rid) / "checkpoints"
+        return sorted(p.name for p in ckpts.iterdir())
+
+    assert kept(run_id) == kept(reference)  # no temp, no half-saved checkpoint
+    sidecar = [json.loads((run_dir(home, rid) / "checkpoints" / "epoch-0002.json").read_text())
+               for rid in (run_id, reference)]
+    assert sidecar[0]["history"] == sidecar[1]["history"]
+
+
+# One run killed inside save_checkpoint at every point in turn, each kill in the process that
+# resumed from the one before: (point, nth save of that process, iteration resumed from next).
+KILLS = [
+    ("tensor-temp", 2, 3),     # epoch-0000's tensor temp only: the temp is swept later
+    ("dir-synced", 1, 3),      # epoch-0000 complete, latest.json still on iter-3
+    ("temps", 2, 4),           # iter-6's two temps, nothing renamed
+    ("tensor-renamed", 2, 6),  # epoch-0001's tensor file without its sidecar
+    ("renamed", 2, 8),         # iter-9 complete (directory not fsynced), pointer on epoch-0001
+    ("saved", 1, 9),           # iter-9 saved again and pointed at, not yet pruned
+]
+
+
+def test_kill9_inside_save_checkpoint_then_resume_is_bit_identical(home, finished):
+    (point, nth, _), *rest = KILLS
+    run_id = killed_in_save(home, point, nth, name="in-save")
+    for point, nth, _ in rest:
+        r = mamlpp(home, "resume", run_id, "--no-tui", env=kill_at(point, nth))
+        assert r.returncode == -signal.SIGKILL, (point, r.stdout + r.stderr)
+    r = mamlpp(home, "resume", run_id, "--no-tui")
+    assert r.returncode == 0, r.stdout + r.stderr + story(home, run_id)
+    assert status(home, run_id)["state"] == "finished"
+    assert resumed_at(home, run_id) == [at for _, _, at in KILLS]
+    assert_same_end(home, run_id, finished)
+
+
 def test_truncated_newest_checkpoint_falls_back_and_finishes(home, finished):
-    run_id = start(home, "train.checkpoint_every=1", "train.iters_per_epoch=6", name="trunc")
-    assert wait_for(lambda: status(home, run_id)["iteration"] >= 8, timeout=60)
-    _kill(home, run_id)
+    # killed right after epoch-0001 (iteration 8) was saved: iter-6 and epoch-0 are kept too
+    run_id = killed_in_save(home, "saved", 4, name="trunc")
     ckpts = run_dir(home, run_id) / "checkpoints"
     newest = json.loads((ckpts / "latest.json").read_text())["name"]
+    assert newest == "epoch-0001"
     path = ckpts / f"{newest}.safetensors"
     path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
     r = mamlpp(home, "resume", run_id, "--no-tui")
     assert r.returncode == 0, r.stdout + r.stderr
-    assert f"checkpoint {newest} is unusable" in r.stdout and "falling back" in r.stdout
+    assert f"checkpoint {newest} is unusable (truncated" in r.stdout and "falling back" in r.stdout
+    assert resumed_at(home, run_id) == [6]  # the newest valid one: iter-6, not epoch-0 (4)
     assert status(home, run_id)["state"] == "finished"
+    assert_same_end(home, run_id, finished)
+
+
+def test_checkpoint_of_another_config_is_refused(home):
+    """config.json changed after the checkpoint was made (another digest): resume says so in
+    one sentence and exits 2, and deletes nothing."""
+    run_id = killed_in_save(home, "saved", 2, name="digest")  # epoch-0000 saved, iteration 4
+    d = run_dir(home, run_id)
+    config = json.loads((d / "config.json").read_text())
+    config["train"]["meta_lr"] *= 2  # any key the digest covers
+    (d / "config.json").write_text(json.dumps(config))
+
+    def files():  # the checkpoints and the config, byte for byte
+        return {p.relative_to(d): p.read_bytes()
+                for p in [d / "config.json", *sorted((d / "checkpoints").iterdir())]}
+
+    before = files()
+    r = mamlpp(home, "resume", run_id, "--no-tui")
+    _one_sentence_error(r)
+    assert r.returncode == 2
+    assert "Checkpoint epoch-0000 was made with a different config" in r.stderr
+    assert files() == before
 
 
 def test_pause_unpause_stop_act_through_control(home):
