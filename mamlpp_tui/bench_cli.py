@@ -7,6 +7,7 @@ and the engine come in when the command runs.
 from __future__ import annotations
 
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -32,36 +33,42 @@ def _num(value: float | None, fmt: str) -> str:
     return "-" if value is None else format(value, fmt)
 
 
-def _table(report: dict):
-    from rich import box
-    from rich.table import Table
+def _table(report: dict, width: int):
+    from mamlpp_tui.tables import Column, fitted_table
 
     device = report["device"]
     title = f"mamlpp bench on {device['device']}: {device['cpu_model']}"
     if device.get("gpu"):
         title += f", {device['gpu']['name']}"
-    table = Table(title=title, box=box.SIMPLE_HEAD, pad_edge=False)
     # s/it: median seconds per meta-iteration; %mm: achieved FLOP/s as % of a float32 matmul;
     # wait%: share of the step spent waiting for data; GiB: peak memory of the phase.
-    for col in ("preset", "impl", "order", "s/it", "cpu s/it", "GF/it", "%mm", "wait%",
-                "train GiB", "eval task/s", "eval GiB"):
-        table.add_column(col, no_wrap=True, justify="left" if col in ("preset", "impl",
-                                                                     "order") else "right")
+    columns = [Column("preset", identifying=True), Column("impl", identifying=True),
+               Column("order", identifying=True)] + [
+        Column(name, priority=priority, justify="right") for name, priority in (
+            ("s/it", 10), ("cpu s/it", 3), ("GF/it", 2), ("%mm", 1), ("wait%", 4),
+            ("train GiB", 8), ("eval task/s", 7), ("eval GiB", 6))]
     cuda = device["device"].startswith("cuda")
+    rows = []
     for row in report["rows"]:
         if "error" in row:
-            table.add_row(row["preset"], row["impl"], row["order"], f"[red]{row['error']}[/]")
+            rows.append([row["preset"], row["impl"], row["order"], "[red]failed[/]",
+                         *[""] * 7])
             continue
         peak = row["cuda_peak_gib"] if cuda else row["train_peak_rss_gib"]
-        table.add_row(
+        rows.append([
             row["preset"], row["impl"], row["order"], _num(row["s_per_iter"], ".3f"),
             _num(row["cpu_s_per_iter"], ".3f"), _num(row["gflops_per_iter"], ".1f"),
             _num(None if row["matmul_fraction"] is None else 100 * row["matmul_fraction"],
                  ".1f"),
             _num(100 * row["data_wait_fraction"], ".2f"), _gib(peak),
             _num(row["eval_tasks_per_s"], ".1f"), _gib(row["eval_peak_rss_gib"]),
-        )
-    return table
+        ])
+    return fitted_table(columns, rows, width, title=title)
+
+
+def _errors(report: dict) -> list[str]:
+    return [f"{row['preset']} {row['impl']} {row['order']} order failed: {row['error']}"
+            for row in report["rows"] if "error" in row]
 
 
 def _targets_lines(report: dict) -> list[str]:
@@ -124,7 +131,9 @@ def bench(
         return
     from rich.console import Console
 
-    console = Console(width=None if sys.stdout.isatty() else 160)  # no wrapping in files
-    console.print(_table(report))
-    for line in _targets_lines(report):
+    # a file gets the whole table (160 columns) unless COLUMNS says how wide
+    wide = sys.stdout.isatty() or "COLUMNS" in os.environ
+    console = Console(width=None if wide else 160)
+    console.print(_table(report, console.width))
+    for line in [*_errors(report), *_targets_lines(report)]:
         console.print(line, markup=False, highlight=False)

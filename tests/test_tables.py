@@ -38,6 +38,7 @@ class World:
     ensemble: dict[str, Any] = field(default_factory=dict)
     datasets: list[str] = field(default_factory=list)
     prediction: Any = None  # engine.adapt.Prediction that `predict` prints
+    bench: dict[str, Any] = field(default_factory=dict)  # a report `bench` prints
     study: str = ""
 
 
@@ -62,13 +63,16 @@ COMMANDS = {
                           [w.finished, _id(w, "stopped"), "finished", "stopped"]),
     "predict": lambda w: (["predict", w.finished, "--support", "s", "--query", "q"],
                           [*map(MayFold, w.prediction.paths), *w.prediction.predicted]),
+    "bench": lambda w: (["bench", "--preset", "paper"],
+                        [*(r["preset"] for r in w.bench["rows"]), "auto", "plain", "first",
+                         "second", "miniimagenet-5w5s plain second order failed: out of memory"]),
     "studies": lambda w: (["studies"], [w.study, "incomplete"]),
     "study show": lambda w: (["study", "show", w.study],
                              ["maml", "+bnrs+bnwb", "1/2: 1 stopped", "0/2: 2 not started"]),
 }
 
 
-WIDER_THAN_120 = {"presets", "predict"}  # their full tables need more than 120 columns
+WIDER_THAN_120 = {"presets", "predict", "bench"}  # their full tables need more than 120 columns
 
 
 def _id(w: World, state: str) -> str:
@@ -124,6 +128,7 @@ def world(tmp_path_factory):
                (3, 8, 8), None, names)
         w.datasets = ["omniglot", "miniimagenet"]
         w.prediction = _prediction()
+        w.bench = _bench_report()
         from engine.config import from_dict
         from engine.studies import create_study, create_tagged_run, plan_ablation
 
@@ -167,6 +172,25 @@ def _prediction():
                       {"predict": 0.2, "read": 0.1}, [])
 
 
+def _bench_report() -> dict[str, Any]:
+    """What `engine.bench.run_bench` returns for the six paper presets, auto and plain, first
+    and second order (one phase failed)."""
+    rows = []
+    for preset in [p for p in preset_names() if p != "quickstart"]:
+        for impl in ("auto", "plain"):
+            for order in ("first", "second"):
+                rows.append({"preset": preset, "impl": impl, "order": order,
+                             "s_per_iter": 6.923, "cpu_s_per_iter": 12.51,
+                             "gflops_per_iter": 1234.5, "matmul_fraction": 0.314,
+                             "data_wait_fraction": 0.0012, "cuda_peak_gib": None,
+                             "train_peak_rss_gib": 2.24, "eval_tasks_per_s": 2.2,
+                             "eval_peak_rss_gib": 1.14})
+    rows[-1] = {"preset": "miniimagenet-5w5s", "impl": "plain", "order": "second",
+                "error": "out of memory"}
+    return {"device": {"device": "cpu", "cpu_model": "Intel(R) Xeon(R) CPU @ 2.20GHz"},
+            "rows": rows, "targets": {"presets": {}}}
+
+
 def _render(w: World, argv: list[str], width: int, monkeypatch, capsys) -> str:
     from mamlpp_tui import cli
 
@@ -175,6 +199,7 @@ def _render(w: World, argv: list[str], width: int, monkeypatch, capsys) -> str:
     monkeypatch.setattr("engine.trainer.run_ensemble", lambda *a, **k: w.ensemble)
     monkeypatch.setattr("engine.adapt.load", lambda *a, **k: None)  # predict's computation
     monkeypatch.setattr("engine.adapt.predict_folders", lambda *a, **k: w.prediction)
+    monkeypatch.setattr("engine.bench.run_bench", lambda *a, **k: w.bench)  # its measuring
     try:
         cli.main(argv)
     except SystemExit as e:
