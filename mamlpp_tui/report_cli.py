@@ -31,21 +31,30 @@ def _open_in_browser(index: Path) -> None:
 
 
 def report(
-    target: Annotated[str, typer.Argument(metavar="RUN", help="Run id or unique prefix.")],
+    target: Annotated[str, typer.Argument(metavar="RUN|STUDY",
+                                          help="Run or study id, or a unique prefix.")],
     out: Out = None,
     open_: Annotated[bool, typer.Option("--open", help="Open index.html in a browser.")] = False,
 ) -> None:
-    """Write a report folder for a run: index.html and PNG/SVG figures, viewable offline.
+    """Write a report folder for a run or a study: index.html and PNG/SVG figures, offline.
 
     Any run state works (running, stopped, crashed: it shows what the events hold so far).
-    Default folder: the run's own report/."""
-    from engine.run_store import find_run
-    from mamlpp_tui.report.build import write_run_report
-    from mamlpp_tui.report.rundata import load_run
+    Default folder: the run's or study's own report/."""
+    from mamlpp_tui.study_cli import run_or_study
 
-    run = find_run(target)
-    index = write_run_report(load_run(run), out or run.path / "report")
-    console.print(f"report of run {run.run_id}: {index}", highlight=False, soft_wrap=True)
+    run, study = run_or_study(target)
+    if run is not None:
+        from mamlpp_tui.report.build import write_run_report
+        from mamlpp_tui.report.rundata import load_run
+
+        index = write_run_report(load_run(run), out or run.path / "report")
+        what = f"run {run.run_id}"
+    else:
+        from mamlpp_tui.report.study import write_study_report
+
+        index = write_study_report(study, out or study.path / "report")
+        what = f"study {study.id}"
+    console.print(f"report of {what}: {index}", highlight=False, soft_wrap=True)
     if open_:
         _open_in_browser(index)
 

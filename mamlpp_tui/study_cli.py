@@ -335,8 +335,9 @@ def new_run(cfg, name: str | None, study: str | None, variant: str | None):
 
 
 
-def watch(ref: str) -> None:
-    """`mamlpp watch`: a run's dashboard, or the study view (run ids are looked up first)."""
+def run_or_study(ref: str):
+    """What a RUN|STUDY argument names: (RunDir, None) or (None, Study); run ids are looked up
+    first. `watch` and `report` both take one."""
     from engine.run_store import find_run, list_runs
     from engine.studies import find_study, study_matches
 
@@ -349,13 +350,21 @@ def watch(ref: str) -> None:
         raise UserError(f"{ref!r} matches runs ({', '.join(r.run_id for r in runs)}) and studies "
                         f"({', '.join(s.id for s in studies_)}); give more of the id.")
     if exact_run is not None or (runs and exact_study is None):
-        from mamlpp_tui.dashboard import run_dashboard
-
-        run_dashboard((exact_run or find_run(ref)).path)
-        return
+        return exact_run or find_run(ref), None
     if not studies_:
         raise UserError(f"No run or study matches {ref!r}; list them with `mamlpp runs` and "
                         "`mamlpp studies`.")
+    return None, exact_study or find_study(ref)
+
+
+def watch(ref: str) -> None:
+    """`mamlpp watch`: a run's dashboard, or the study view (run ids are looked up first)."""
+    run, study = run_or_study(ref)
+    if run is not None:
+        from mamlpp_tui.dashboard import run_dashboard
+
+        run_dashboard(run.path)
+        return
     from mamlpp_tui.dashboard.study_app import run_study_dashboard
 
-    run_study_dashboard(exact_study or find_study(ref))
+    run_study_dashboard(study)

@@ -12,6 +12,7 @@ import csv
 import json
 import os
 import shutil
+import statistics
 import subprocess
 import sys
 import tomllib
@@ -25,35 +26,42 @@ from PIL import Image
 from mamlpp_tui import cli
 from tests.run_fixtures import TINY, events, run_dir, sets, story
 
-B_ONLY = ["train.meta_lr=0.003", "maml_pp.msl=false"]
 RUN_FIGURES = {"losses", "validation", "ensemble", "msl_weights", "meta_lr", "lslr_heatmap",
                "lslr_evolution"}
 COMPARE_FIGURES = {"losses", "validation", "ensemble", "msl_weights", "meta_lr", "lslr_heatmap"}
+STUDY = "st"
+LRS = ("0.002", "0.003")
 
 
 @pytest.fixture(scope="module")
 def home(tmp_path_factory):
-    """Two finished tiny runs, A (TINY) and B (TINY + B_ONLY), trained side by side, and C: A's
-    directory cut back to the events before its first validation, without checkpoints or
-    ensemble (a run that crashed in its first epoch)."""
+    """A sweep study of tiny runs, two meta learning rates x seeds 0 and 1, two at a time.
+
+    alpha is its (meta_lr 0.002, seed 0) member and beta its (0.003, seed 1) one, so they
+    differ in exactly train.meta_lr and train.seed. crash is alpha's directory, untagged and
+    cut back to the events before its first validation, without checkpoints or ensemble: a
+    run that crashed in its first epoch."""
     home = tmp_path_factory.mktemp("report-home")
-    env_args = [(["--name", "alpha", *sets()]), (["--name", "beta", *sets(*B_ONLY)])]
-    env = dict(os.environ, MAMLPP_HOME=str(home))
-    procs = [subprocess.Popen([sys.executable, "-m", "mamlpp_tui", "run", "--no-tui", *args],
-                              env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                              text=True, stdin=subprocess.DEVNULL) for args in env_args]
-    outputs = [p.communicate(timeout=300)[0] for p in procs]
+    proc = subprocess.run(
+        [sys.executable, "-m", "mamlpp_tui", "sweep", "quickstart", "--seeds", "0,1", "--grid",
+         f"train.meta_lr={','.join(LRS)}", *sets(), "--name", STUDY, "--jobs", "2"],
+        env=dict(os.environ, MAMLPP_HOME=str(home)), capture_output=True, text=True,
+        timeout=600, stdin=subprocess.DEVNULL)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
     ids = {}
-    for name, proc, out in zip(("alpha", "beta"), procs, outputs):
-        assert proc.returncode == 0, out
-        (rid,) = [p.name for p in (home / "runs").iterdir() if p.name.startswith(name)]
+    for name, lr, seed in (("alpha", LRS[0], 0), ("beta", LRS[1], 1), ("alpha1", LRS[0], 1),
+                           ("beta0", LRS[1], 0)):
+        prefix = f"{STUDY}-meta_lr-{lr}-s{seed}-"
+        (rid,) = [p.name for p in (home / "runs").iterdir() if p.name.startswith(prefix)]
         assert json.loads((run_dir(home, rid) / "status.json").read_text())["state"] == \
             "finished", story(home, rid)
         ids[name] = rid
     a = run_dir(home, ids["alpha"])
-    c = home / "runs" / ids["alpha"].replace("alpha", "crash")
+    c = home / "runs" / ids["alpha"].replace(STUDY, "crash")
     c.mkdir()
-    shutil.copy(a / "config.json", c / "config.json")
+    config = json.loads((a / "config.json").read_text())
+    config.pop("study")
+    (c / "config.json").write_text(json.dumps(config))
     lines = (a / "events.jsonl").read_text().splitlines(keepends=True)
     first_val = next(i for i, line in enumerate(lines) if json.loads(line)["type"] == "val")
     (c / "events.jsonl").write_text("".join(lines[:first_val]))
@@ -197,7 +205,7 @@ def alpha_report(home, tmp_path_factory):
     root, ids = home
     out = tmp_path_factory.mktemp("alpha") / "report"
     env = dict(os.environ, MAMLPP_HOME=str(root), COLUMNS="200")
-    proc = subprocess.run([sys.executable, "-m", "mamlpp_tui", "report", "alpha", "--out",
+    proc = subprocess.run([sys.executable, "-m", "mamlpp_tui", "report", ids["alpha"], "--out",
                            str(out)], env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.strip() == f"report of run {ids['alpha']}: {out / 'index.html'}"
@@ -272,6 +280,31 @@ def test_report_of_a_run_without_validation_omits_those_figures(home, alpha_repo
         assert not (out / f"{name}.png").exists() and not (out / f"{name}.svg").exists()
 
 
+def test_study_report_table_bars_and_member_curves(home, monkeypatch, capsys, tmp_path):
+    root, ids = home
+    out = tmp_path / "study"
+    code, stdout, err = run_cli(monkeypatch, capsys, root, "report", STUDY, "--out", str(out),
+                                columns=300)
+    assert code == 0, err
+    assert stdout.strip() == f"report of study {STUDY}: {out / 'index.html'}"
+    refs = assert_self_contained(out / "index.html")
+    figures = figures_of(refs, out)
+    assert set(figures) == {"variants", "validation"}
+    for name, size in figures.items():
+        assert_drawn(out / f"{name}.png", size)
+    text = (out / "index.html").read_text()
+    members = {LRS[0]: (ids["alpha"], ids["alpha1"]), LRS[1]: (ids["beta0"], ids["beta"])}
+    for lr, runs in members.items():
+        accs = [json.loads((run_dir(root, rid) / "ensemble.json").read_text())["accuracy"]
+                for rid in runs]
+        mean, std = statistics.fmean(accs), statistics.stdev(accs)
+        assert f"<td>meta_lr={lr}</td>" in text
+        assert f"{100 * mean:.2f}% ± {100 * std:.2f}" in text  # over the two seeds
+        for rid in runs:
+            assert rid in text
+    assert ids["crash"] not in text
+
+
 # ---------------------------------------------------------------- exports
 
 
@@ -284,7 +317,7 @@ def test_tensorboard_export_reads_back_equal_to_the_events(home, tmp_path, monke
     from mamlpp_tui.report.tensorboard import export_tensorboard
 
     root, ids = home
-    code, out, err = run_cli(monkeypatch, capsys, root, "export", "alpha", "--tensorboard",
+    code, out, err = run_cli(monkeypatch, capsys, root, "export", ids["alpha"], "--tensorboard",
                              str(tmp_path / "tb"), columns=300)
     assert code == 0, err
     target = tmp_path / "tb" / ids["alpha"]
@@ -323,7 +356,7 @@ def test_tensorboard_missing_names_the_extra(home, tmp_path, monkeypatch):
 
 def test_csv_export_round_trips(home, tmp_path, monkeypatch, capsys):
     root, ids = home
-    code, _, err = run_cli(monkeypatch, capsys, root, "export", "beta", "--csv",
+    code, _, err = run_cli(monkeypatch, capsys, root, "export", ids["beta"], "--csv",
                            str(tmp_path / "csv"))
     assert code == 0, err
     target = tmp_path / "csv" / ids["beta"]
@@ -359,15 +392,15 @@ def test_csv_export_round_trips(home, tmp_path, monkeypatch, capsys):
 
 def test_compare_lists_exactly_the_keys_that_differ(home, monkeypatch, capsys):
     root, ids = home
-    code, out, err = run_cli(monkeypatch, capsys, root, "compare", "alpha", "beta", "--json")
+    code, out, err = run_cli(monkeypatch, capsys, root, "compare", ids["alpha"], ids["beta"],
+                             "--json")
     assert code == 0, err
     result = json.loads(out)
     assert result["runs"] == [ids["alpha"], ids["beta"]]
     a = json.loads((run_dir(root, ids["alpha"]) / "config.json").read_text())
     b = json.loads((run_dir(root, ids["beta"]) / "config.json").read_text())
-    assert result["differences"] == {
-        "train.meta_lr": [a["train"]["meta_lr"], b["train"]["meta_lr"]],
-        "maml_pp.msl": [True, False]}
+    assert result["differences"] == {"train.meta_lr": [0.002, 0.003], "train.seed": [0, 1]}
+    assert (a["train"]["meta_lr"], b["train"]["seed"]) == (0.002, 1)
     ens = [json.loads((run_dir(root, i) / "ensemble.json").read_text())
            for i in (ids["alpha"], ids["beta"])]
     assert [r["ensemble_accuracy"] for r in result["results"]] == [e["accuracy"] for e in ens]
@@ -376,20 +409,20 @@ def test_compare_lists_exactly_the_keys_that_differ(home, monkeypatch, capsys):
 @pytest.mark.parametrize("columns", [80, 60])
 def test_compare_in_the_terminal_keeps_ids_and_keys_whole(home, monkeypatch, capsys, columns):
     root, ids = home
-    code, out, err = run_cli(monkeypatch, capsys, root, "compare", "alpha", "beta",
+    code, out, err = run_cli(monkeypatch, capsys, root, "compare", ids["alpha"], ids["beta"],
                              columns=columns)
     assert code == 0, err
     assert max(len(line) for line in out.splitlines()) <= columns
     assert ids["alpha"] in out and ids["beta"] in out and "…" not in out
-    assert "train.meta_lr" in out and "maml_pp.msl" in out
+    assert "train.meta_lr" in out and "train.seed" in out
     assert "model.filters" not in out  # the same in both runs
 
 
 def test_compare_report_overlays_both_runs(home, monkeypatch, capsys, tmp_path):
     root, ids = home
     out = tmp_path / "cmp"
-    code, _, err = run_cli(monkeypatch, capsys, root, "compare", "alpha", "beta", ids["crash"],
-                           "--out", str(out))
+    code, _, err = run_cli(monkeypatch, capsys, root, "compare", ids["alpha"], ids["beta"],
+                           ids["crash"], "--out", str(out))
     assert code == 0, err
     refs = assert_self_contained(out / "index.html")
     figures = figures_of(refs, out)
@@ -397,23 +430,24 @@ def test_compare_report_overlays_both_runs(home, monkeypatch, capsys, tmp_path):
     for name, size in figures.items():
         assert_drawn(out / f"{name}.png", size)
     text = (out / "index.html").read_text()
-    for rid in ids.values():
-        assert rid in text
+    for name in ("alpha", "beta", "crash"):
+        assert ids[name] in text
     assert f"Without validation: {ids['crash']}" in text
 
 
 @pytest.mark.parametrize("argv, needle", [
-    (["compare", "alpha"], "at least two runs"),
-    (["compare", "alpha", "alpha"], "given twice"),
-    (["compare", "alpha", "beta", "--open"], "--out"),
-    (["report", "nosuchrun"], "No run matches"),
-    (["export", "alpha", "--csv", "x", "--tensorboard", "y"], "Give exactly one of --to"),
-    (["export", "alpha"], "Give exactly one of --to"),
-    (["export", "alpha", "--csv", "x", "--members", "best"], "--members goes with --to"),
+    (["compare", "{alpha}"], "at least two runs"),
+    (["compare", "{alpha}", "{alpha}"], "given twice"),
+    (["compare", "{alpha}", "{beta}", "--open"], "--out"),
+    (["compare", "{alpha}", STUDY], "ambiguous"),  # the study's id prefixes all four members
+    (["report", "nosuchrun"], "No run or study matches"),
+    (["export", "{alpha}", "--csv", "x", "--tensorboard", "y"], "Give exactly one of --to"),
+    (["export", "{alpha}"], "Give exactly one of --to"),
+    (["export", "{alpha}", "--csv", "x", "--members", "best"], "--members goes with --to"),
 ])
 def test_report_and_compare_usage_errors(home, monkeypatch, capsys, argv, needle):
-    root, _ = home
-    code, out, err = run_cli(monkeypatch, capsys, root, *argv)
+    root, ids = home
+    code, out, err = run_cli(monkeypatch, capsys, root, *(a.format(**ids) for a in argv))
     assert code == 2 and needle in err and len(err.strip().splitlines()) == 1, err
 
 
@@ -433,20 +467,26 @@ def test_one_per_iteration_keeps_the_newest_copy_after_a_resume():
     assert [e["iteration"] for e in series["val"]] == [4]
 
 
-def test_wall_time_sums_engine_sessions(home):
+def test_wall_time_counts_running_engine_sessions(home, tmp_path):
+    """The header's wall time is the studies' measure: running periods only (a pause, a kill
+    and a later `mamlpp ensemble` left out)."""
     from mamlpp_tui.report.rundata import load_run
 
     root, ids = home
-    data = load_run(run_dir(root, ids["alpha"]))
+    run = tmp_path / "run"
+    shutil.copytree(run_dir(root, ids["alpha"]), run)
 
     def ev(t, kind="train", **kw):
-        return {"type": kind, "time": t, "iteration": 0, "epoch": 0, **kw}
+        return {"type": kind, "time": t, "iteration": 1, "epoch": 0, "iters_per_sec": 2.0, **kw}
 
-    data.events = [ev(0, "state", state="running", reason="started"), ev(4), ev(10),
-                   # killed: no closing state event; resumed 90 s later
-                   ev(100, "state", state="running", reason="resumed"),
-                   ev(110, "state", state="paused", reason="requested"),
-                   ev(120, "state", state="running", reason="unpaused"),
-                   ev(130, "state", state="finished", reason="all epochs done"),
-                   ev(500, "ensemble")]  # `mamlpp ensemble` much later does not count
-    assert data.wall_time() == 10 + 30
+    evs = [ev(0, "state", state="running", reason="started"), ev(4), ev(10),
+           # killed: no closing state event; resumed 90 s later
+           ev(100, "state", state="running", reason="resumed"),
+           ev(110, "state", state="paused", reason="requested"),
+           ev(150, "state", state="running", reason="unpaused"),
+           ev(160, "state", state="finished", reason="all epochs done"),
+           ev(500, "ensemble")]
+    (run / "events.jsonl").write_text("".join(json.dumps(e) + "\n" for e in evs))
+    data = load_run(run)
+    assert data.wall_time() == 10 + 10 + 10
+    assert data.iters_per_sec() == 2.0

@@ -18,7 +18,6 @@ Why it looks like this:
 
 from __future__ import annotations
 
-import statistics
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -210,35 +209,17 @@ class RunData:
     # -- header numbers
 
     def wall_time(self) -> float | None:
-        """Seconds the engine ran (paused time included), summed over its sessions: from each
-        start or resume to its stop, finish or failure, or to its last event when it was
-        killed. A later `mamlpp ensemble` does not count."""
-        total, start, last = 0.0, None, None
-        for event in self.events:
-            t = number(event.get("time"))
-            if t is None:
-                continue
-            is_state = event.get("type") == "state"
-            if is_state and event.get("state") == "running" and \
-                    event.get("reason") in ("started", "resumed"):
-                if start is not None and last is not None:
-                    total += last - start
-                start = last = t
-                continue
-            if start is None:
-                continue
-            last = t
-            if is_state and event.get("state") in ("stopped", "finished", "failed"):
-                total += t - start
-                start = last = None
-        if start is not None and last is not None:
-            total += last - start
-        return total if total > 0 else None
+        """Seconds the engine ran, pauses and kills left out, as a study's table counts them
+        (`engine.study_results.wall_and_speed`)."""
+        from engine.study_results import wall_and_speed
+
+        return wall_and_speed(self.run)[0]
 
     def iters_per_sec(self) -> float | None:
-        """Median of the engine's training-speed reports (0 before the first second counts)."""
-        speeds = [s for s in (number(e.get("iters_per_sec")) for e in self.train()) if s]
-        return statistics.median(speeds) if speeds else None
+        """Median of the engine's training-speed reports (`wall_and_speed`)."""
+        from engine.study_results import wall_and_speed
+
+        return wall_and_speed(self.run)[1]
 
     def config_diff(self) -> tuple[str, list[tuple[str, Any, Any]]]:
         """(baseline label, [(key, baseline value, this run's value)]) for keys that differ."""
