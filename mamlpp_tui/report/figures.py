@@ -360,8 +360,9 @@ def lslr_evolution_plot(data: RunData) -> Plot:
                 "every epoch (one panel per step, shared scale; biases dashed).")
     history = data.lslr_history()
     if len(history) < 2:
-        plot.note = "The learned rates have been logged once so far (at the start); their " \
-                    "evolution shows after the first epoch."
+        plot.note = "No learned rates logged yet." if not history else \
+            "The learned rates have been logged once so far (at the start); their " \
+            "evolution shows after the first epoch."
         return plot
     every = list(history[-1][1])
     steps = max(len(v) for v in history[-1][1].values())

@@ -36,8 +36,17 @@ def _missing(plot: Plot, datas: Sequence[RunData], present: Sequence[RunData], w
         plot.caption += f" Without {what}: {', '.join(absent)}."
 
 
+DASHES = ["-", (0, (6, 3)), (0, (2, 2)), (0, (8, 2, 2, 2)), (0, (1, 3))]
+
+
+def dash(i: int):
+    """Run i's line style in figures where runs often coincide (schedules): an identical
+    line then shows both colours in turn instead of hiding the one drawn first."""
+    return DASHES[i % len(DASHES)]
+
+
 def _legend_below(fig, n: int) -> None:
-    fig.legend(loc="outside lower center", ncols=1 if n > 2 else n, fontsize=7.5)
+    fig.legend(loc="outside lower center", ncols=1 if n > 2 else n, fontsize=8.5)
 
 
 @drawn
@@ -87,7 +96,7 @@ def compare_validation_plot(datas: Sequence[RunData]) -> Plot:
         epochs, acc, ci = _validation(d)
         mean = percent(acc)
         ax.fill_between(epochs, [m - 100 * c for m, c in zip(mean, ci)],
-                        [m + 100 * c for m, c in zip(mean, ci)], color=colour, alpha=0.15, lw=0)
+                        [m + 100 * c for m, c in zip(mean, ci)], color=colour, alpha=0.1, lw=0)
         ax.plot(epochs, mean, "o-", color=colour, lw=1.6, ms=3, label=d.run_id)
         top = [e for e in d.view.top_epochs if e in epochs]
         ax.plot(top, [mean[epochs.index(e)] for e in top], "*", color=colour, ms=11,
@@ -126,7 +135,7 @@ def compare_ensemble_plot(datas: Sequence[RunData]) -> Plot:
         ax.errorbar(acc, y, xerr=ci, fmt="D", color=colour, ms=7, capsize=4, lw=1.8)
         ax.annotate(f"{acc:.2f}% ± {ci:.2f}", (acc, y), textcoords="offset points",
                     xytext=(0, -13), ha="center", fontsize=7.5)
-    ax.set_yticks(ys, [d.run_id for d in present], fontsize=7.5)
+    ax.set_yticks(ys, [d.run_id for d in present], fontsize=8.5)
     ax.set_ylim(-0.7, len(present) - 0.2)
     ax.set_xlabel("test accuracy (%)")
     ax.grid(axis="y", visible=False)
@@ -138,18 +147,19 @@ def compare_ensemble_plot(datas: Sequence[RunData]) -> Plot:
 def compare_msl_plot(datas: Sequence[RunData]) -> Plot:
     plot = Plot("msl_weights", "Final-step MSL weight by epoch",
                 "Weight of the final inner step's query loss per epoch (the engine's schedule "
-                "for each run's config); the other steps share what remains.")
+                "for each run's config); the other steps share what remains. Runs with the "
+                "same schedule show as one dashed line of alternating colours.")
     present = [d for d in datas if d.planned_msl()]
     if not present:
         plot.note = "No run's config validates, so there is no schedule to draw."
         return plot
     fig = new_figure((SIZE[0], SIZE[1] + 0.25 * len(datas)))
     ax = fig.add_subplot()
-    for d, colour in zip(datas, run_colours(len(datas))):
+    for i, (d, colour) in enumerate(zip(datas, run_colours(len(datas)))):
         planned = d.planned_msl()
         if planned:
             ax.plot(range(len(planned)), [w[-1] for w in planned], color=colour, lw=1.8,
-                    drawstyle="steps-mid", label=d.run_id)
+                    drawstyle="steps-mid", label=d.run_id, ls=dash(i))
     ax.set_xlabel("epoch")
     ax.set_ylabel("final-step weight")
     ax.set_ylim(-0.03, 1.05)
@@ -175,10 +185,10 @@ def compare_meta_lr_plot(datas: Sequence[RunData]) -> Plot:
     scale = lr_scale([v for _, pts in lines for _, v in pts])
     fig = new_figure((SIZE[0], SIZE[1] + 0.25 * len(datas)))
     ax = fig.add_subplot()
-    for (d, pts), colour in zip(lines, run_colours(len(datas))):
+    for i, ((d, pts), colour) in enumerate(zip(lines, run_colours(len(datas)))):
         if pts:
             ax.plot([p[0] for p in pts], [p[1] / scale for p in pts], color=colour, lw=1.6,
-                    label=d.run_id)
+                    label=d.run_id, ls=dash(i))
     ax.set_xlabel("iteration")
     ax.set_ylabel(scaled_label("meta learning rate", scale))
     _legend_below(fig, sum(1 for _, pts in lines if pts))
@@ -203,7 +213,7 @@ def compare_lslr_plot(datas: Sequence[RunData]) -> Plot:
     image = None
     for i, ((d, _), (names, matrix)) in enumerate(zip(present, matrices)):
         image = _heatmap(axes[i], names, matrix, lo, hi, annotate=len(matrix[0]) <= 5)
-        axes[i].set_title(d.run_id, fontsize=8, fontweight="normal")
+        axes[i].set_title(d.run_id, fontsize=9, fontweight="normal")
         if i % cols:
             axes[i].set_yticks([])
     for ax in axes[len(present):]:
