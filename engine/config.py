@@ -26,6 +26,8 @@ class ConfigError(UserError):
 DATASETS = ("omniglot", "miniimagenet", "quickstart")
 CHANNELS_LAST = ("auto", "never", "first_order", "always")  # steps run channels-last
 PRECISIONS = ("auto", "float32", "tf32", "bf16")
+# reference: engine/reference.py, the plain definition the fast paths are tested against
+IMPLS = ("auto", "loop", "vmap", "reference")
 # (channels, height/width) of the images each dataset feeds the network.
 IMAGE_SHAPES = {"omniglot": (1, 28), "quickstart": (1, 28), "miniimagenet": (3, 84)}
 # Any other data.dataset names a dataset imported with `mamlpp data import folder`; its image
@@ -290,7 +292,7 @@ def validate(cfg: Config) -> None:
     _at_least("train.grad_clip", t.grad_clip, 0)
     _at_least("train.seed", t.seed, 0)
     _at_least("train.checkpoint_every", t.checkpoint_every, 0)
-    _choice("train.impl", t.impl, ("auto", "loop", "vmap"))
+    _choice("train.impl", t.impl, IMPLS)
     _at_least("train.chunk_size", t.chunk_size, 0)
     _at_least("train.task_threads", t.task_threads, 0)
     _choice("train.channels_last", t.channels_last, CHANNELS_LAST)

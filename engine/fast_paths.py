@@ -55,7 +55,7 @@ def second_order_task_bytes(config: Config) -> int:
 
 @dataclass(frozen=True)
 class FastPaths:
-    impl: str  # loop | vmap
+    impl: str  # loop | vmap | reference
     task_threads: int
     task_threads_second_order: int
     channels_last: str  # never | first_order | always
@@ -95,6 +95,9 @@ def resolve_impl(impl: str, device: torch.device) -> str:
 
 def fast_paths(config: Config, device: torch.device) -> FastPaths:
     t = config.train
+    if t.impl == "reference":  # the plain definition: one task at a time, NCHW, float32
+        precision = t.precision if t.precision != "auto" else "float32"
+        return FastPaths("reference", 1, 1, "never", False, precision)
     cpu = device.type == "cpu"
     layout = t.channels_last if t.channels_last != "auto" else ("first_order" if cpu else "never")
     precision = t.precision if t.precision != "auto" else ("float32" if cpu else "tf32")

@@ -221,13 +221,3 @@ def inner_loop(
     if kept:
         return kept.losses, logits, kept.stats_list() if plan.track_stats else stats, objective
     return torch.stack(losses), logits, stats, objective
-
-
-def stats_rows(plan: InnerPlan) -> list[int]:
-    """The inner step (BN running set) each entry of inner_loop's statistics list belongs to."""
-    rows = []
-    for i in range(plan.steps):
-        rows.append(i)
-        if i in plan.loss_steps:
-            rows.append(i)
-    return rows

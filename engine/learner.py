@@ -19,12 +19,13 @@ from dataclasses import dataclass
 import torch
 
 from engine.allocator import retain_freed_memory
+from engine.bn_running import fold_meta_batch, init_running_stats
 from engine.config import Config
 from engine.distributed import SINGLE, World, all_gather_rows, all_reduce_sum
 from engine.fast_paths import fast_paths
-from engine.inner_loop import InnerPlan, stats_rows
+from engine.inner_loop import InnerPlan
 from engine.meta_batch import BatchResult, MetaParams, meta_batch
-from engine.model import NetSpec, init_adapted, init_bn, init_running_stats, update_running
+from engine.model import NetSpec, init_adapted, init_bn
 from engine.msl import msl_weights
 from engine.schedule import meta_lr, second_order_at
 from engine.tasks import TaskBatch
@@ -89,7 +90,8 @@ class MetaLearner:
             bn=place(init_bn(self.spec), True),
             lrs=place({k: torch.full((t.inner_steps,), t.inner_lr)
                        for k in self.spec.adapted_names}, p.lslr),
-            running=place(init_running_stats(self.spec), False),
+            running=place(init_running_stats(self.spec.stages, self.spec.stat_rows,
+                                             self.spec.filters), False),
         )
         self.optimizer = torch.optim.Adam(self.meta_parameters(), lr=t.meta_lr)
 
@@ -149,10 +151,7 @@ class MetaLearner:
             self._gather(result)
         loss = (result.losses * w).sum(1).mean().item()
         if math.isfinite(loss):
-            rows = stats_rows(plan)
-            for task_stats in result.stats:
-                for step, s in zip(rows, task_stats, strict=True):
-                    update_running(self.meta.running, step, s)
+            fold_meta_batch(self.meta.running, plan.steps, plan.loss_steps, result.stats)
         return result, loss
 
     def _place(self, batch: TaskBatch, second_order: bool) -> TaskBatch:

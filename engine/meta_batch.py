@@ -1,9 +1,10 @@
-"""The two implementations of a meta-batch: a plain per-task loop and vmapped tasks.
+"""A meta-batch three ways: the plain definition, a per-task loop and vmapped tasks.
 
-Both call the same `inner_loop`, accumulate the same meta-gradient into `.grad` and return the
-same per-task results, so the loop is the reference the vmapped path is tested against. The loop
-runs a backward per task (second order then holds one task's graph at a time: the memory-lean
-path); vmap runs `chunk` tasks at once (convs become grouped convs over tasks).
+`reference` is engine/reference.py, MAML++ as the paper writes it, one task at a time; the two
+fast paths call `inner_loop` and must give its losses, logits, meta-gradients and batch
+statistics to float64 rounding (tests/test_reference_path.py). The loop runs a backward per
+task (second order then holds one task's graph at a time: the memory-lean path), optionally on
+several task threads; vmap runs `chunk` tasks at once (convs become grouped convs over tasks).
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ from dataclasses import dataclass, replace
 import torch
 from torch.func import vmap
 
+from engine import reference
 from engine.inner_loop import InnerPlan, inner_loop
 from engine.model import BatchStats, Params
 from engine.task_threads import task_threads
@@ -45,6 +47,21 @@ def _run(meta: MetaParams, batch: TaskBatch, plan: InnerPlan, weights: torch.Ten
     return inner_loop(*args, *(d[0] for d in data), replace(plan, functional=False), weights)
 
 
+def _reference(meta: MetaParams, batch: TaskBatch, plan: InnerPlan,
+               weights: torch.Tensor | None, denominator: int) -> BatchResult:
+    """engine/reference.py, the plain definition, behind meta_batch's interface: `weights`
+    holds the loss steps' weights, the reference takes one per inner step."""
+    full = None
+    if weights is not None:
+        full = [0.0] * plan.steps
+        for j, i in enumerate(plan.loss_steps):
+            full[i] = weights[j]
+    losses, logits, stats = reference.meta_batch(
+        meta.adapted, meta.bn, meta.lrs, meta.running, batch, plan.steps, full,
+        plan.second_order, plan.use_running, plan.track_stats, denominator)
+    return BatchResult(losses, logits, stats)
+
+
 def _unbatch(stats: list[BatchStats], b: int) -> list[BatchStats]:
     return [[(m[b], v[b]) for m, v in s] for s in stats]
 
@@ -71,10 +88,12 @@ def meta_batch(
     evenly over the workers) may run on `workers` threads at once; each part's gradient is
     taken on its own and they are added to `.grad` in task order, so the result does not depend
     on how many threads ran or which finished first (at a fixed intra-op thread count)."""
-    if impl not in ("loop", "vmap"):
-        raise ValueError(f"meta_batch impl must be loop or vmap, not {impl!r}")
+    if impl not in ("loop", "vmap", "reference"):
+        raise ValueError(f"meta_batch impl must be loop, vmap or reference, not {impl!r}")
     size = batch.size
     denominator = denominator or size
+    if impl == "reference":
+        return _reference(meta, batch, plan, weights, denominator)
     vmapped = impl == "vmap"
     step = 1 if not vmapped else (chunk or -(-size // max(1, min(workers, size))))
     params = learnable(meta) if weights is not None else []

@@ -22,7 +22,6 @@ from engine.config import Config
 from engine.max_pool import max_pool2x2
 
 BN_EPS = 1e-5
-BN_MOMENTUM = 0.1
 LEAK = 0.01
 # Elements of a batch-norm input from which second-order passes fuse it with the max-pool
 # (engine/batch_norm.py, batch_norm_pool): that keeps 3/4 of a full-size gradient out of the
@@ -99,14 +98,6 @@ def init_bn(spec: NetSpec) -> Params:
     return bn
 
 
-def init_running_stats(spec: NetSpec) -> Params:
-    stats: Params = {}
-    for i in range(spec.stages):
-        stats[f"bn{i}.running_mean"] = torch.zeros(spec.stat_rows, spec.filters)
-        stats[f"bn{i}.running_var"] = torch.ones(spec.stat_rows, spec.filters)
-    return stats
-
-
 def row(step: int, rows: int) -> int:
     return min(step, rows - 1)
 
@@ -168,13 +159,3 @@ def forward(
         x = F.leaky_relu(x if pooled else max_pool2x2(x), LEAK)
     logits = F.linear(x.flatten(1), adapted["linear.weight"], adapted["linear.bias"])
     return logits, stats
-
-
-@torch.no_grad()
-def update_running(running: Params, step: int, stats: BatchStats) -> None:
-    """Fold one forward pass's batch statistics into running set `step` (momentum 0.1)."""
-    for i, (mean, var) in enumerate(stats):
-        rm, rv = running[f"bn{i}.running_mean"], running[f"bn{i}.running_var"]
-        r = row(step, rm.shape[0])
-        rm[r].mul_(1 - BN_MOMENTUM).add_(mean, alpha=BN_MOMENTUM)
-        rv[r].mul_(1 - BN_MOMENTUM).add_(var, alpha=BN_MOMENTUM)

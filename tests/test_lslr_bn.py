@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import torch
 
+from engine.bn_running import MOMENTUM as BN_MOMENTUM
 from engine.config import resolve
 from engine.learner import MetaLearner
-from engine.model import BN_MOMENTUM, NetSpec
+from engine.model import NetSpec
 from tests.helpers import grads, random_batch, small_config
 from tests.reference_maml import net, task_objective
 
