@@ -70,3 +70,25 @@ def test_learner_uses_the_epochs_lr_msl_and_order():
         assert math.isclose(m.loss, expected, rel_tol=1e-5)
         # no query forward the current loss does not use
         assert (m.step_losses[0] is None) == (epoch >= 3)
+
+
+@pytest.mark.parametrize("cosine", [True, False])
+def test_meta_update_is_adam_at_the_epochs_rate(cosine):
+    """A first meta-update by hand: Adam's first step is lr * g / (|g| + eps) per element
+    (bias-corrected moments g and g^2), at the cosine rate of the epoch or at meta_lr with the
+    switch off."""
+    cfg = small_config("train.epochs=10", "train.meta_lr=0.01", "train.min_meta_lr=0.001",
+                       f"maml_pp.cosine={str(cosine).lower()}")
+    learner = MetaLearner(cfg, dtype=torch.float64)
+    batch = random_batch(cfg)
+    epoch = 7
+    before = {k: v.detach().clone() for k, v in learner.named_meta_parameters()}
+    reference = MetaLearner(cfg, dtype=torch.float64)
+    weights = msl_weights(epoch, cfg.train.inner_steps, cfg.maml_pp.msl_epochs)
+    reference.meta_loss(batch, weights, second_order_at(epoch, cfg))
+    g = {k: v.grad.clone() for k, v in reference.named_meta_parameters()}
+    learner.train_step(batch, epoch)
+    lr = (0.001 + (0.01 - 0.001) * (1 + math.cos(math.pi * 7 / 10)) / 2) if cosine else 0.01
+    for k, v in learner.named_meta_parameters():
+        expected = before[k] - lr * g[k] / (g[k].abs() + 1e-8)
+        torch.testing.assert_close(v.detach(), expected, rtol=1e-9, atol=1e-12, msg=k)
