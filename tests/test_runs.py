@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import random
 import signal
@@ -12,6 +13,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from tests.reference_maml import task_objective
 from tests.run_fixtures import (
     events,
     final_tensors,
@@ -95,6 +97,104 @@ def test_ensemble_uses_top_k_epochs_and_averaged_logits(home, finished):
         assert acc == pytest.approx((logits[m].argmax(-1) == labels).mean(), abs=1e-12)
     table = mamlpp(home, "ensemble", finished, "--top-k", "2", "--tasks", "12").stdout
     assert "ensemble" in table and f"epoch {best[0]}" in table
+
+
+@pytest.fixture(scope="module")
+def nchw(home):
+    """A run whose passes all stay NCHW (see test_validation_and_ensemble_member_recomputed)."""
+    return run_to_end(home, "train.channels_last=never", "train.epochs=2", name="nchw")
+
+
+def reference_adapt(tensors: dict, task, cfg) -> tuple[torch.Tensor, float]:
+    """One task adapted and predicted by tests/reference_maml.py from checkpoint tensors, as
+    evaluation does (SPEC 2.2-2.5): first order, batch statistics, eval_inner_steps steps with
+    the last step's rates and BN row reused past the trained ones; float64. Returns the final
+    step's query logits and query loss."""
+    def group(prefix):
+        return {k[len(prefix) + 1:]: v.double() for k, v in tensors.items()
+                if k.startswith(prefix + ".")}
+
+    params = {k: v.requires_grad_() for k, v in group("net").items()}
+    steps = cfg.train.eval_inner_steps
+    _, losses, logits = task_objective(
+        params, group("bn"), group("lslr"), task.x_support[0].double(), task.y_support[0],
+        task.x_query[0].double(), task.y_query[0], steps, [0.0] * (steps - 1) + [1.0],
+        second_order=False, stages=cfg.model.stages)
+    return logits.detach(), losses[-1].item()
+
+
+def near_ties(logits: torch.Tensor, within: float) -> int:
+    """Queries whose two largest logits are closer than `within`: float32 rounding may
+    legitimately pick either class there."""
+    top = logits.topk(2, dim=-1).values
+    return int((top[:, 0] - top[:, 1] < within).sum())
+
+
+LOGITS_TOL = 1e-4  # float32 engine vs float64 reference; measured 5e-6 on the NCHW path
+
+
+def test_validation_and_ensemble_member_recomputed_independently(home, nchw, monkeypatch):
+    """Every epoch's validation accuracy, CI and loss (val events and the checkpoint's
+    history), and one ensemble member's test logits, recomputed from the epoch checkpoints by
+    the plain reference on the same fixed tasks (the sampler gives the tasks; adapting,
+    scoring and the CI are the reference's and numpy's). The run is NCHW: torch's CPU
+    channels-last batch norm computes the batch variance 20-300x less precisely when
+    |mean| >> std (binary glyphs), which moved some tasks' logits by 1-4% through the inner
+    gradient; on the NCHW path engine and reference agree to ~1e-5."""
+    from engine.data import load_dataset, sampler_for
+    from engine.run_store import RunDir
+    from engine.trainer import run_config
+
+    monkeypatch.setenv("MAMLPP_HOME", str(home))
+    d = run_dir(home, nchw)
+    cfg = run_config(RunDir(d))
+    assert cfg.maml_pp.bn_eval_stats == "batch" and cfg.train.channels_last == "never"
+    dataset = load_dataset(cfg.data.dataset)
+    queries = cfg.data.ways * cfg.data.queries
+    vals = {e["epoch"]: e for e in events(home, nchw) if e["type"] == "val"}
+    last = json.loads((d / "checkpoints" / f"epoch-{max(vals):04d}.json").read_text())
+    assert [h["epoch"] for h in last["history"]] == sorted(vals) == [0, 1]
+    sampler = sampler_for(cfg, "val", dataset)
+    for entry in last["history"]:
+        epoch = entry["epoch"]
+        tensors = load_file(d / "checkpoints" / f"epoch-{epoch:04d}.safetensors")
+        correct, losses, ties = [], [], 0
+        for t in range(cfg.eval.val_tasks):
+            task = sampler.batch(t, 1)
+            logits, loss = reference_adapt(tensors, task, cfg)
+            correct.append(int((logits.argmax(-1) == task.y_query[0]).sum()))
+            losses.append(loss)
+            ties += near_ties(logits, LOGITS_TOL)
+        acc = np.array(correct) / queries
+        event = vals[epoch]
+        assert event["tasks"] == entry["tasks"] == cfg.eval.val_tasks
+        engine_correct = round(event["accuracy"] * cfg.eval.val_tasks * queries)
+        assert abs(engine_correct - sum(correct)) <= ties, (epoch, engine_correct, correct)
+        if not ties:
+            assert event["accuracy"] == pytest.approx(acc.mean(), abs=1e-12)
+            assert event["ci95"] == pytest.approx(1.96 * acc.std() / math.sqrt(len(acc)),
+                                                  rel=1e-9)
+        assert event["loss"] == pytest.approx(float(np.mean(losses)), rel=1e-5)
+        for key in ("accuracy", "ci95", "loss"):
+            assert entry[key] == event[key], (epoch, key)
+
+    result = json.loads((d / "ensemble.json").read_text())
+    saved = load_file(d / "ensemble-logits.safetensors")
+    epoch = result["members"][0]
+    tensors = load_file(d / "checkpoints" / f"epoch-{epoch:04d}.safetensors")
+    sampler = sampler_for(cfg, "test", dataset)
+    assert saved["member_logits"].shape[:2] == (len(result["members"]), cfg.eval.test_tasks)
+    correct, ties = 0, 0
+    for t in range(cfg.eval.test_tasks):
+        task = sampler.batch(t, 1)
+        logits, _ = reference_adapt(tensors, task, cfg)
+        assert torch.equal(saved["labels"][t], task.y_query[0])
+        torch.testing.assert_close(saved["member_logits"][0, t].double(), logits,
+                                   rtol=0, atol=LOGITS_TOL)
+        correct += int((logits.argmax(-1) == task.y_query[0]).sum())
+        ties += near_ties(logits, LOGITS_TOL)
+    total = cfg.eval.test_tasks * queries
+    assert abs(round(result["member_accuracies"][0] * total) - correct) <= ties
 
 
 def _kill(home, run_id):
