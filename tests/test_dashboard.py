@@ -9,6 +9,7 @@ real quickstart run without touching the tests.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import html
 import json
 import math
@@ -151,8 +152,14 @@ def crash(run_dir: Path) -> str:
     dead.wait()
     run.write_status(state="running", pid=dead.pid, iteration=stop,
                      epoch=stop // cfg["train"]["iters_per_epoch"], error=None)
+    # a dead engine logs nothing after its crash: drop engine.log's later lines
+    crashed_at = _log_stamp(kept[-1]["time"] + 1)
+    with contextlib.suppress(FileNotFoundError):
+        lines = run.log_path.read_text().splitlines(keepends=True)
+        run.log_path.write_text("".join(ln for ln in lines if not re.match(r"\d{4}-", ln)
+                                        or ln[:23] <= crashed_at))
     with open(run.log_path, "a") as f:
-        f.write(f"{_log_stamp(kept[-1]['time'] + 1)} ERROR engine crashed:\n"
+        f.write(f"{crashed_at} ERROR engine crashed:\n"
                 "Traceback (most recent call last):\n"
                 '  File "engine/trainer.py", line 140, in _train\n'
                 "RuntimeError: CUDA error: an illegal memory access was encountered\n")
