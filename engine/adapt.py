@@ -44,6 +44,7 @@ import torch
 from engine.config import Config
 from engine.errors import UserError
 from engine.preprocess import ImageReadError, Preprocessing
+from engine.selection import top_k_epochs
 from engine.tasks import TaskBatch
 
 MEMBER_CHOICES = ("ensemble", "best")
@@ -144,8 +145,9 @@ def ensemble_candidates(directory: Path) -> list[tuple[float, int, str]]:
             continue
         if meta.get("val_accuracy") is not None:
             scored.append((meta["val_accuracy"], meta["epoch"], name))
-    scored.sort(key=lambda s: (-s[0], s[1]))
-    return scored
+    by_epoch = {epoch: (acc, epoch, name) for acc, epoch, name in scored}
+    ranked = top_k_epochs([{"epoch": e, "accuracy": acc} for acc, e, _ in scored], len(scored))
+    return [by_epoch[e] for e in ranked]
 
 
 def read_run(run, members: str | None = None) -> ModelSource:  # noqa: ANN001 - RunDir

@@ -48,6 +48,7 @@ from engine.run_store import (
     remove_stale_temps,
     write_temp,
 )
+from engine.selection import top_k_epochs
 
 LATEST = "latest.json"
 TENSOR_EXT = ".safetensors"
@@ -308,7 +309,9 @@ def prune(directory: Path, keep_top_k: int, metric_key: str = "val_accuracy") ->
     """Keep the newest checkpoint, the top-k by `metric_key` and the pointer's; delete the rest.
 
     `metric_key` is looked up in the sidecar (dots walk into nested dicts); checkpoints without
-    a finite value never count as top-k. Ties go to the newer checkpoint. Returns deleted names.
+    a finite value never count as top-k. They are ranked as the ensemble ranks epochs
+    (`engine.selection.top_k_epochs`, age standing in for the epoch), so a tie keeps the older
+    checkpoint, the one the ensemble picks. Returns deleted names.
     """
     if keep_top_k < 0:
         raise ValueError("keep_top_k must be >= 0")
@@ -316,13 +319,13 @@ def prune(directory: Path, keep_top_k: int, metric_key: str = "val_accuracy") ->
     names = list_checkpoints(directory)  # newest first
     if not names:
         return []
+    oldest_first = names[::-1]
     scored = []
-    for rank, name in enumerate(names):
+    for age, name in enumerate(oldest_first):
         with contextlib.suppress(CheckpointError):
-            value = _metric(read_sidecar(directory, name), metric_key)
-            if value is not None:
-                scored.append((-value, rank, name))
-    keep = {names[0]} | {name for _, _, name in sorted(scored)[:keep_top_k]}
+            scored.append({"epoch": age,
+                           "accuracy": _metric(read_sidecar(directory, name), metric_key)})
+    keep = {names[0]} | {oldest_first[age] for age in top_k_epochs(scored, keep_top_k)}
     pointer = read_latest(directory)
     if pointer:
         keep.add(pointer)

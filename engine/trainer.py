@@ -45,6 +45,7 @@ from engine.learner import MetaLearner, NonFiniteLossError, StepMetrics
 from engine.preprocess import Preprocessing
 from engine.run_store import RunDir
 from engine.schedule import second_order_at
+from engine.selection import top_k_epochs
 from engine.system_stats import SystemStats
 
 SYSTEM_EVERY_S = 5.0
@@ -419,8 +420,9 @@ def _run_ensemble(run: RunDir, config: Config, device: torch.device, top_k: int 
     if not scored:
         raise UserError(f"Run {run.run_id} has no validated epoch checkpoints yet; train at least "
                         "one epoch before running the ensemble.")
-    scored.sort(key=lambda s: (-s[0], s[1]))
-    chosen = scored[:top_k]
+    by_epoch = {epoch: (acc, epoch, name) for acc, epoch, name in scored}
+    chosen = [by_epoch[e] for e in top_k_epochs(
+        [{"epoch": epoch, "accuracy": acc} for acc, epoch, _ in scored], top_k)]
     if sampler is None:  # not the training engine: the cache may have changed since
         from engine.data import load_dataset, sampler_for
 

@@ -25,8 +25,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from engine.config import Config, EvalConfig, from_dict
+from engine.errors import UserError
 from engine.events import read_events
 from engine.run_store import RunDir, read_json
+from engine.schedule import second_order_at
+from engine.selection import top_k_epochs
 
 MAX_POINTS = 2000  # kept points per chart series (the whole run, decimated)
 LOG_LINES = 500  # log lines handed to the UI per poll at most (its RichLog keeps as many)
@@ -133,8 +137,8 @@ class RunView:
     lslr_epoch: int | None = None
     lslr_rates: dict[str, tuple[float, ...]] = field(default_factory=dict)
     val: dict[int, dict[str, Any]] = field(default_factory=dict)
-    top_k: int = 3
-    top_epochs: tuple[int, ...] = ()
+    top_k: int = EvalConfig.ensemble_top_k
+    top_epochs: tuple[int, ...] = ()  # engine.selection.top_k_epochs of `val`
     checkpoint_epochs: frozenset[int] = frozenset()
     ensemble: dict[str, Any] | None = None
     ensemble_mtime: float | None = None
@@ -228,6 +232,16 @@ def _is_final_only(weights: list[float]) -> bool:
     return len(weights) > 1 and all(w == 0 for w in weights[:-1])
 
 
+def _engine_config(config: dict[str, Any]) -> Config | None:
+    """The engine's Config of a config.json (its `runtime` and other records dropped), so the
+    engine's own rules read it; None when it does not validate."""
+    sections = ("name", "description", "data", "model", "train", "maml_pp", "eval")
+    try:
+        return from_dict({k: v for k, v in config.items() if k in sections})
+    except (UserError, TypeError, ValueError, AttributeError):
+        return None
+
+
 def _number(value: Any) -> float | None:
     return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else None
 
@@ -256,6 +270,7 @@ class RunWatcher:
         self._ens_log_offset: int | None = None
         self._config: dict[str, Any] = {}
         self._config_mtime: int | None = None
+        self._engine_config: Config | None = None  # None: no config.json, or one that fails
         self._ckpt_mtime: int | None = None
         self._sidecars: dict[str, tuple[int, dict[str, Any]]] = {}
         self._latest_ckpt: str | None = None
@@ -312,6 +327,7 @@ class RunWatcher:
             return  # being replaced right now; the next poll reads it
         if isinstance(config, dict):
             self._config, self._config_mtime = config, mtime
+            self._engine_config = _engine_config(config)
             self._bump("header", "msl", "val")
 
     def _read_events(self) -> None:
@@ -537,7 +553,6 @@ class RunWatcher:
         cfg = self._config
         train = cfg.get("train") if isinstance(cfg.get("train"), dict) else {}
         mpp = cfg.get("maml_pp") if isinstance(cfg.get("maml_pp"), dict) else {}
-        ev = cfg.get("eval") if isinstance(cfg.get("eval"), dict) else {}
         runtime = cfg.get("runtime") if isinstance(cfg.get("runtime"), dict) else {}
         epochs = int(train.get("epochs") or 0)
         ipe = int(train.get("iters_per_epoch") or 0)
@@ -561,9 +576,9 @@ class RunWatcher:
         speed = speed if speed else None
         eta = (total - iteration) / speed if speed and state == "running" and total else None
         second = latest.get("second_order")
-        if not isinstance(second, bool):
-            second = bool(mpp.get("second_order")) and epoch >= int(
-                mpp.get("first_order_epochs") or 0) if mpp else None
+        engine_cfg = self._engine_config
+        if not isinstance(second, bool):  # no train event yet: the engine's schedule says
+            second = second_order_at(epoch, engine_cfg) if engine_cfg else None
         device = runtime.get("device") or self._device_from_events
 
         system, source = self._system, "events"
@@ -577,11 +592,8 @@ class RunWatcher:
                     self._push_system(sample)
                     self._bump("system")
 
-        top_k = int(ev.get("ensemble_top_k") or 3)
-        scored = [(v["accuracy"], e) for e, v in self._val.items()
-                  if _number(v.get("accuracy")) is not None]
-        scored.sort(key=lambda s: (-s[0], s[1]))
-        top = tuple(e for _, e in scored[:top_k])
+        top_k = engine_cfg.eval.ensemble_top_k if engine_cfg else EvalConfig.ensemble_top_k
+        top = tuple(top_k_epochs([{**v, "epoch": e} for e, v in self._val.items()], top_k))
         ckpt_epochs = frozenset(
             int(meta["epoch"]) for name, (_, meta) in self._sidecars.items()
             if name.startswith("epoch-") and isinstance(meta.get("epoch"), int))
