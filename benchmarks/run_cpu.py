@@ -3,7 +3,8 @@
     .venv/bin/python benchmarks/run_cpu.py                 # everything (about 30-60 min, 2 cores)
     .venv/bin/python benchmarks/run_cpu.py --preset omniglot-5w1s --iters 3 --no-thread-sweep
 
-Every (preset, implementation, phase) runs in a fresh process (see engine/bench.py). Besides the
+Every (preset, implementation, phase) runs in a fresh process (see engine/bench.py); the
+targets are judged by benchmarks/acceptance.py. Besides the
 default run (torch's default thread count), a thread sweep repeats the loop implementation of
 omniglot-5w1s with one intra-op thread, because on a shared 2-core machine two threads can be
 slower than one (see benchmarks/README.md).
@@ -22,12 +23,16 @@ sys.path.insert(0, str(ROOT))
 
 import psutil  # noqa: E402
 
+from benchmarks.acceptance import (  # noqa: E402
+    add_targets,
+    check_targets,
+    format_rows,
+    target_lines,
+)
 from engine.bench import (  # noqa: E402
     GIB,
     PAPER_PRESETS,
     BenchOptions,
-    check_targets,
-    format_rows,
     parse_impls,
     run_bench,
     summary_rows,
@@ -104,7 +109,7 @@ def main(argv: list[str] | None = None) -> int:
         threads=args.threads, paired_rounds=args.paired_rounds, paired_only=args.paired_only,
         job_timeout=args.job_timeout, memory_cap_bytes=cap)
     say = lambda msg: print(msg, file=sys.stderr, flush=True)  # noqa: E731
-    report = run_bench(options, progress=say)
+    report = add_targets(run_bench(options, progress=say))
     if not args.no_thread_sweep:
         say("thread sweep: omniglot-5w1s, loop, 1 intra-op thread")
         sweep = run_bench(BenchOptions(presets=["omniglot-5w1s"], impls=["loop"], device="cpu",
@@ -124,10 +129,8 @@ def main(argv: list[str] | None = None) -> int:
     if "thread_sweep" in report:
         print("\nthread sweep (1 intra-op thread):")
         print(format_rows(report["thread_sweep"]))
-    for preset, checks in report["targets"]["presets"].items():
-        for name, c in checks.items():
-            print(f"target {preset} {name}: {c['value']:.3f} "
-                  f"({'met' if c['met'] else 'missed'}; bound {c.get('max', c.get('min'))})")
+    for line in target_lines(report):
+        print(line)
     print(f"load average {report['load_average_start']} -> {report['load_average_end']}")
     print(f"wrote {out}")
     return 0

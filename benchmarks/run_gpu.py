@@ -29,10 +29,10 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from benchmarks.acceptance import add_targets, format_rows, target_lines  # noqa: E402
 from engine.bench import (  # noqa: E402
     PAPER_PRESETS,
     BenchOptions,
-    format_rows,
     run_bench,
     write_report,
 )
@@ -84,7 +84,7 @@ def main(argv: list[str] | None = None) -> int:
     started = time.time()
 
     say("== default settings, all presets, loop and vmap, first and second order")
-    report = run_bench(BenchOptions(**base), progress=say)
+    report = add_targets(run_bench(BenchOptions(**base), progress=say))
     gpu = (report["device"].get("gpu") or {}).get("name", "cuda")
     slug = re.sub(r"[^a-z0-9]+", "-", gpu.lower()).strip("-")
     out = args.out_dir / f"cuda-{slug}-{dt.date.today().isoformat()}.json"
@@ -118,6 +118,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"\nvariant {name}: " + (v["skipped"] if "skipped" in v else ""))
         if "rows" in v:
             print(format_rows(v))
+    for line in target_lines(report):
+        print(line)
     print(f"wrote {out}")
     return 0
 

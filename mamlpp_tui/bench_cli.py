@@ -71,16 +71,6 @@ def _errors(report: dict) -> list[str]:
             for row in report["rows"] if "error" in row]
 
 
-def _targets_lines(report: dict) -> list[str]:
-    lines = []
-    for preset, checks in report["targets"]["presets"].items():
-        for name, c in checks.items():
-            verdict = "met" if c["met"] else "MISSED"
-            bound = c.get("max", c.get("min"))
-            lines.append(f"target {preset} {name}: {c['value']:.3f} (bound {bound}) {verdict}")
-    return lines
-
-
 def bench(
     preset: list[str] = typer.Option(
         [], "--preset", "-p",
@@ -135,5 +125,5 @@ def bench(
     wide = sys.stdout.isatty() or "COLUMNS" in os.environ
     console = Console(width=None if wide else 160)
     console.print(_table(report, console.width))
-    for line in [*_errors(report), *_targets_lines(report)]:
+    for line in _errors(report):
         console.print(line, markup=False, highlight=False)
