@@ -2,17 +2,15 @@
 
 glibc serves large blocks (mini-ImageNet activations are 30-100 MB each) with fresh mmaps and
 unmaps them on free, so every such tensor an op allocates page-faults all of its pages in
-again: on the 2-core benchmark machine that made zero-filling a 34 MB gradient take 20 ms and
-mini-ImageNet validation 1.6x slower. Serving them from the heap and never trimming it makes the
-process's memory a cache, as torch's CUDA allocator is; the price is that RSS stays at its peak.
+again. Serving them from the heap and never trimming it makes the process's memory a cache, as
+torch's CUDA allocator is; the price is that RSS stays at its peak.
 
 That peak is per glibc arena, and every thread that allocates gets an arena of its own: task
-threads and the data prefetcher each kept the peak of their own work (a miniimagenet-5w5s run
-reached 3.82 GiB at validation, whose two task threads grew two arenas beside the training
-heap). With one shared arena they reuse the training heap instead: that run peaked at 3.24
-GiB, and mini-ImageNet's validation and first-order steps were 5-20% faster (measured
-alternating); but threads running Omniglot's small ops contend for it (omniglot-5w1s validation
-0.016 -> 0.023 s/task), so engine/fast_paths.py asks for it for large images only.
+threads and the data prefetcher would each keep the peak of their own work beside the training
+heap. With one shared arena they reuse the training heap instead, which lowers the peak and
+speeds up large-image work; threads running small ops contend for it, so engine/fast_paths.py
+asks for it for large images only. The measurements: benchmarks/README.md, "Measurements
+behind the engine's defaults".
 """
 
 from __future__ import annotations

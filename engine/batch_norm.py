@@ -1,8 +1,8 @@
 """Training-mode batch norm with a lean second derivative, for second-order MAML.
 
 Second-order MAML differentiates the inner loop's batch-norm backward once more. torch's own
-double backward of batch norm is a general formula of about 35 full-size tensor ops; on the CPU
-it took 16-19% of a second-order meta-iteration (omniglot-5w1s, miniimagenet-5w5s). Written out
+double backward of batch norm is a general formula of about 35 full-size tensor ops, a large
+share of a second-order meta-iteration on the CPU (benchmarks/README.md). Written out
 per channel, the same derivatives need only five channel sums, two of which the first backward
 already has, and one more fused batch-norm backward:
 

@@ -1,25 +1,20 @@
 """Which fast path the engine takes on a device: every `auto` of the [train] speed keys resolved.
 
-The choices come from measurements (benchmarks/results/, README "Speed"), not assumptions:
+The choices come from measurements, not assumptions: benchmarks/README.md ("Measurements behind
+the engine's defaults") has the numbers, benchmarks/results/ the reports.
 
 - impl: the per-task loop on CPU; vmapped tasks on CUDA (one launch per op for the whole
-  meta-batch; on CPU vmap turns convs into grouped convs, slower and 2-7x the memory).
+  meta-batch; on CPU vmap turns convs into grouped convs, slower and several times the memory).
 - task_threads: on CPU, one thread per core, each running whole tasks with single-threaded ops
   (few-shot ops are too small for intra-op threads to pay, see engine/task_threads.py); 1 on CUDA.
   Second-order training holds one task's whole graph per thread, so there auto uses several
   threads only for small images (<= SMALL_IMAGE px) and while their estimated graphs fit
-  SECOND_ORDER_BUDGET. Measured interleaved: miniimagenet-5w1s 7.42 vs 7.40 s and 5w5s 8.69 vs
-  8.47 s on one vs two threads, at 1.5-1.8 GiB more; omniglot-20w5s 12.8 vs 12.9 s at 1.6 GiB
-  more; omniglot-5w5s and 20w1s 1.4-1.6x faster on two.
-- channels_last: on CPU for first-order steps (evaluation, first-order training): measured
-  1.4-1.7x faster there (torch's NCHW max-pool is 5-10x slower than its channels-last one on
-  this CPU). Second-order support passes stay NCHW: whole second-order steps channels-last were
-  1.31x slower with torch's batch-norm double backward, and with engine/batch_norm.py still
-  slower on miniimagenet-5w5s (6.2 vs 5.7 s) and within noise on omniglot-5w1s (0.70 vs
-  0.74 s, 8 rounds interleaved; NCHW max-pool goes through a channels-last copy,
-  engine/max_pool.py). Their query passes go channels-last only for small images on several task
-  threads: that made omniglot-5w1s 11% faster (12 rounds interleaved), while with one task at
-  a time it made miniimagenet-5w5s 10% slower and omniglot-20w5s -8% to +5% (3 rounds each).
+  SECOND_ORDER_BUDGET: for large images a second thread was no faster and held GiBs more.
+- channels_last: on CPU for first-order steps (evaluation, first-order training), where it is
+  faster (torch's NCHW max-pool is much slower than its channels-last one on the CPU).
+  Second-order support passes stay NCHW: channels-last was slower or no faster there (NCHW
+  max-pool goes through a channels-last copy, engine/max_pool.py). Their query passes go
+  channels-last only for small images on several task threads, the one case where it paid.
   Off on CUDA until measured there (run_gpu.sh does).
 - shared_arena: on CPU for images over SMALL_IMAGE px: task threads then reuse the training
   heap instead of each keeping an arena of its own (engine/allocator.py).
@@ -39,8 +34,7 @@ from engine.task_threads import auto_workers
 
 # Bytes of second-order graphs that auto task threads may hold at once, and the size of one,
 # estimated from the first stage's activations: about 12 tensors of [support images, filters,
-# H, W] float32 per inner step (measured per task: 1.47 GiB for miniimagenet-5w5s, 25 x 48 x
-# 84 x 84, and 1.59 GiB for omniglot-20w5s, 100 x 64 x 28 x 28).
+# H, W] float32 per inner step (fitted to measured graphs, benchmarks/README.md).
 SECOND_ORDER_BUDGET = 2 << 30
 SMALL_IMAGE = 32  # pixels a side up to which second-order steps use task threads
 _SAVED_PER_STEP = 12

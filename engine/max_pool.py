@@ -7,15 +7,14 @@ meta-gradient is taken, so on mini-ImageNet that is a needless 34 MB per inner s
 alone. `pool(x, "codes")` gives each maximum's offset from its window's top-left element
 instead (0, 1, W or W + 1: one byte while W < 255, a further 8x less), for the graphs that live
 longest (engine/batch_norm.py's `batch_norm_pool`, second-order support passes); the indices
-are rebuilt for torch's kernels when a backward needs them, which costs such a backward a pass
-(75 x 48 x 42 x 42: 9 ms, 8% of the pool's forward and backward) that passes whose graph dies
+are rebuilt for torch's kernels when a backward needs them, which costs such a backward an
+extra pass (a few percent of the pool's forward and backward) that passes whose graph dies
 with them need not pay. The backward (`scatter`) and its derivative (`gather`) are autograd
 Functions of each other, so no order of derivative keeps more than the offsets or indices.
 
 On the CPU the forward pools a channels-last copy: torch's NCHW max-pool kernel is not
-vectorised and took 20% of a miniimagenet-5w5s second-order step (55 ms for 25 x 48 x 84 x 84
-on one thread, vs 17 ms for copy, channels-last pool and copies back); the step went from 7.9 to
-7.0 s measured interleaved.
+vectorised, and copying to channels-last, pooling there and copying back is several times
+faster (benchmarks/README.md, "Measurements behind the engine's defaults").
 """
 
 from __future__ import annotations
@@ -53,8 +52,8 @@ def pool(x: torch.Tensor, where: str) -> tuple[torch.Tensor, torch.Tensor | None
     """Values (NCHW) of the 2x2 pool of NCHW-contiguous x and where its maxima were: "codes"
     (one byte each), "indices" (torch's int64) or "none"."""
     if x.device.type == "cpu" and not is_batchedtensor(x):
-        # torch's NCHW max-pool kernel is 3-4x slower on the CPU than copying to channels-last,
-        # pooling there and copying the values back
+        # torch's NCHW max-pool kernel is slower on the CPU than copying to channels-last,
+        # pooling there and copying the values back (see the module docstring)
         x = x.contiguous(memory_format=torch.channels_last)
     out, indices = torch.ops.aten.max_pool2d_with_indices(x, _K, _K, _PAD, _DIL, False)
     if where == "none":

@@ -26,8 +26,8 @@ LEAK = 0.01
 # Elements of a batch-norm input from which second-order passes fuse it with the max-pool
 # (engine/batch_norm.py, batch_norm_pool): that keeps 3/4 of a full-size gradient out of the
 # graph (34 MB per inner step on mini-ImageNet) at the cost of rebuilding it in the backward,
-# which made omniglot-5w1s steps (5 x 64 x 28 x 28, graphs of a few MB) 2-3% slower (0.770 vs
-# 0.748 s, 40 rounds alternating) for nothing.
+# which does not pay on Omniglot-size passes (graphs of a few MB): measured in
+# benchmarks/README.md.
 FUSED_POOL_MIN = 2**20
 
 Params = dict[str, torch.Tensor]
@@ -136,7 +136,8 @@ def forward(
             x = F.batch_norm(x, mean[r], var[r], w, b, training=False, eps=BN_EPS)
         elif track or lean_second_order:
             # batch norm computes the batch mean and 1/sqrt(var + eps) anyway: reuse them
-            # (a separate mean/var pass cost 10-20% of a step); running sets want unbiased var
+            # rather than pay a separate mean/var pass (benchmarks/README.md); running sets
+            # want unbiased var
             n = x.numel() // x.shape[1]
             if lean_second_order and x.is_contiguous() and x.numel() >= FUSED_POOL_MIN:
                 x, mean, invstd = batch_norm_pool(x, w, b, BN_EPS)
