@@ -3,8 +3,8 @@
 The same function serves both meta-batch implementations: called per task it is the plain loop,
 wrapped in `torch.func.vmap` it runs a whole meta-batch at once. Inner gradients come from
 `torch.func.grad`, which composes with vmap and with the outer backward (second order), or, for
-one task at a time, from plain `torch.autograd.grad` behind the same interface (measured 8-19%
-faster per meta-iteration and 11% per validation task on CPU).
+one task at a time, from plain `torch.autograd.grad` behind the same interface (faster on CPU
+than torch.func's wrapped ops: benchmarks/README.md).
 """
 
 from __future__ import annotations
@@ -131,9 +131,8 @@ def _channels_last(x: torch.Tensor) -> bool:
 
 def _like_channels_last(params: Params) -> Params:
     """Conv weights in channels-last too: with NCHW weights every channels-last conv reorders
-    its weight (a copy per call) and each inner update mixes layouts. Same numbers; measured
-    interleaved, omniglot-5w1s validation 0.0182 -> 0.0168 s/task (16 rounds), mini-ImageNet
-    5w5s 0.563 -> 0.540 s/task (4 rounds), omniglot-20w5s unchanged."""
+    its weight (a copy per call) and each inner update mixes layouts. Same numbers, a few
+    percent faster (benchmarks/README.md)."""
     return {k: v.contiguous(memory_format=torch.channels_last) if v.dim() == 4 else v
             for k, v in params.items()}
 

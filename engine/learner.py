@@ -194,8 +194,8 @@ class MetaLearner:
         """Adapt to each task (first order, no graph) and predict its queries; leaves every
         stored tensor, the running BN sets included, unchanged. Tasks are adapted in bulk: on
         CPU `task_threads` of them at once, vmapped `chunk` at a time (0: all) with
-        impl = "vmap". `impl` defaults to the training one (on CPU the threaded loop adapted
-        Omniglot tasks 1.2-3x faster than vmapped ones, benchmarks/results)."""
+        impl = "vmap". `impl` defaults to the training one (on CPU the threaded loop adapts
+        tasks faster than vmap: benchmarks/README.md)."""
         impl = impl or self.impl
         steps = steps or self.config.train.eval_inner_steps
         plan = InnerPlan(steps, (steps - 1,), second_order=False, track_stats=False,

@@ -43,7 +43,8 @@ def _run(meta: MetaParams, batch: TaskBatch, plan: InnerPlan, weights: torch.Ten
     data = (batch.x_support, batch.y_support, batch.x_query, batch.y_query)
     if vmapped:
         return vmap(lambda *d: inner_loop(*args, *d, plan, weights))(*data)
-    # one task at a time: plain autograd, 10-20% faster on CPU than torch.func's wrapped ops
+    # one task at a time: plain autograd, faster on CPU than torch.func's wrapped ops
+    # (benchmarks/README.md)
     return inner_loop(*args, *(d[0] for d in data), replace(plan, functional=False), weights)
 
 
