@@ -13,6 +13,7 @@ from rich.console import Console
 from engine.errors import UserError
 from mamlpp_tui.data_cli import data_app
 from mamlpp_tui.options import Device
+from mamlpp_tui.terminal import console
 
 app = typer.Typer(
     help="MAML++ few-shot training: run, resume, watch and evaluate runs.",
@@ -21,7 +22,6 @@ app = typer.Typer(
     add_completion=False,
 )
 app.add_typer(data_app, name="data")
-console = Console()
 
 
 @app.command()
@@ -92,7 +92,7 @@ def _foreground(run, device: str, world=None) -> None:
     config = run_config(run)
     where = f" on {world.size} processes" if world.active else ""
     console.print(f"run [bold]{run.run_id}[/] ({config.name}) in {run.path}{where}")
-    display = ProgressDisplay(config.train.epochs * config.train.iters_per_epoch, console)
+    display = ProgressDisplay(config.train.epochs * config.train.iters_per_epoch, Console())
     try:
         state = Trainer(run, device, on_progress=display, world=world).train()
     finally:

@@ -12,12 +12,10 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
-from rich.console import Console
 
 from engine.errors import UserError
 from mamlpp_tui.options import AsJson
-
-console = Console()
+from mamlpp_tui.terminal import console
 
 Out = Annotated[Path | None, typer.Option(
     "--out", help="Folder to write the report into (made if missing).")]

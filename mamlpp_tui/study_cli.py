@@ -17,8 +17,8 @@ from rich.console import Console
 
 from engine.errors import UserError
 from mamlpp_tui.options import AsJson, Device
+from mamlpp_tui.terminal import console
 
-console = Console()
 study_app = typer.Typer(help="Show, resume and collect studies (sweeps and ablations).",
                         no_args_is_help=True)
 
@@ -157,7 +157,7 @@ def run_study(study, jobs: int, device: str, detach: bool, rerun_deleted: bool =
 
     console.print(f"study [bold]{study.id}[/] in {study.path}: {len(study.members)} runs, "
                   f"{jobs} at a time")
-    display = StudyProgressDisplay(console)
+    display = StudyProgressDisplay(Console())
     runner = StudyRunner(study, device, jobs, rerun_deleted, on_snapshot=display.snapshot,
                          on_message=display.message)
     try:
