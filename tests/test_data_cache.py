@@ -128,8 +128,11 @@ def test_require_dataset_is_cheap_and_names_the_command(tmp_path):
     assert not (tmp_path / "quickstart").exists()
     with pytest.raises(UserError, match="Unknown dataset"):
         require_dataset("cifar", tmp_path)
-    _write(tmp_path)
-    require_dataset("omniglot", tmp_path)
+    _write(tmp_path)  # a cache whose manifest records no class split
+    require_dataset("omniglot", tmp_path, refresh=False)  # the manifest is there: cheap check
+    # an Omniglot cache without the reference split, and no files to rebuild it from
+    with pytest.raises(UserError, match="`mamlpp data fetch omniglot --force`"):
+        require_dataset("omniglot", tmp_path)
 
 
 def test_restricted_unpickler_admits_plain_data_only():
