@@ -145,8 +145,11 @@ def test_impl_reference_trains_a_run_and_ends_where_the_default_path_does(tmp_pa
     finals, logits, ensembles = {}, {}, {}
     for impl in ("reference", "auto"):
         home = tmp_path / impl
+        # two task threads asked for: auto gives one per intra-op thread, and under
+        # pytest-xdist the engine processes run one
+        threads = "train.task_threads=2" if impl == "auto" else "train.task_threads=0"
         proc = mamlpp(home, "run", "--no-tui", *sets(f"train.impl={impl}",
-                                                      "train.channels_last=never"))
+                                                      "train.channels_last=never", threads))
         assert proc.returncode == 0, proc.stderr
         run_id = next((home / "runs").iterdir()).name
         finals[impl] = final_tensors(home, run_id)
