@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import contextlib
 import errno
-import fcntl
 import json
 import os
 import re
@@ -29,6 +28,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from engine import process_lock
 from engine.errors import UserError
 from engine.events import dumps
 from engine.paths import runs_root
@@ -36,9 +36,6 @@ from engine.paths import runs_root
 STATES = ("running", "paused", "stopped", "finished", "failed")
 _LIVE_STATES = ("running", "paused")
 _TEMP_RE = re.compile(r"^\..+\.tmp-(\d+)-[0-9a-f]+$")
-# path of the lock file -> fd held by this process, so a lock survives its RunDir object and
-# taking it twice in one process is a no-op instead of a conflict with ourselves.
-_HELD_LOCKS: dict[str, int] = {}
 
 
 # ---------------------------------------------------------------- durable file primitives
@@ -298,61 +295,22 @@ class RunDir:
     # -- lock
 
     def acquire_lock(self, wait: float = 0.5) -> None:
-        """Hold `engine.lock` for the rest of this process's life; UserError if another has it.
-
-        `is_locked` probes take the lock for microseconds, so a conflict is retried for `wait`
-        seconds before it is believed.
-        """
-        key = str(self.lock_path.resolve())
-        if key in _HELD_LOCKS:
-            return
-        fd = os.open(self.lock_path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
-        deadline = time.monotonic() + wait
-        while True:
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                break
-            except BlockingIOError:
-                if time.monotonic() >= deadline:
-                    os.close(fd)
-                    pid = self.lock_holder_pid()
-                    raise UserError(
-                        f"Run {self.run_id} is already running (pid {pid}); stop it with "
-                        f"`mamlpp stop {self.run_id}` first."
-                    ) from None
-                time.sleep(0.02)
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
-        _HELD_LOCKS[key] = fd
+        """Hold `engine.lock` for the rest of this process's life; UserError if another has it."""
+        process_lock.hold(self.lock_path, lambda pid: (
+            f"Run {self.run_id} is already running (pid {pid}); stop it with "
+            f"`mamlpp stop {self.run_id}` first."), wait)
 
     def release_lock(self) -> None:
         """Give the lock back early (normally process exit does it)."""
-        fd = _HELD_LOCKS.pop(str(self.lock_path.resolve()), None)
-        if fd is not None:
-            os.close(fd)  # closing the last fd of the open file releases the flock
+        process_lock.release(self.lock_path)
 
     def is_locked(self) -> bool:
         """Whether some engine process (this one included) holds the run's lock right now."""
-        if str(self.lock_path.resolve()) in _HELD_LOCKS:
-            return True
-        try:
-            fd = os.open(self.lock_path, os.O_RDONLY | os.O_CLOEXEC)
-        except FileNotFoundError:
-            return False
-        try:
-            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
-        except BlockingIOError:
-            return True
-        finally:
-            os.close(fd)
-        return False
+        return process_lock.is_held(self.lock_path)
 
     def lock_holder_pid(self) -> int | None:
         """The pid the lock holder wrote into `engine.lock` (None if unknown)."""
-        try:
-            return int(self.lock_path.read_text().strip())
-        except (OSError, ValueError):
-            return None
+        return process_lock.holder_pid(self.lock_path)
 
     # -- ensemble result
 

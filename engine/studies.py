@@ -39,7 +39,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from engine import ablation
+from engine import ablation, process_lock
 from engine.config import Config, ConfigError, from_dict, resolve
 from engine.errors import UserError
 from engine.paths import runs_root
@@ -317,13 +317,10 @@ class Study:
 
     def is_running(self) -> bool:
         """Whether a study process holds study.lock right now."""
-        return _probe(self.lock_path)
+        return process_lock.is_held(self.lock_path)
 
     def runner_pid(self) -> int | None:
-        try:
-            return int(self.lock_path.read_text().strip())
-        except (OSError, ValueError):
-            return None
+        return process_lock.holder_pid(self.lock_path)
 
     def tag(self, member: Member) -> dict[str, Any]:
         return {"id": self.id, "variant": member.variant, "seed": member.seed}
@@ -471,53 +468,15 @@ def study_matches(ref: str) -> list[Study]:
 # ---------------------------------------------------------------- locks
 
 
-_HELD: dict[str, int] = {}
-
-
-def _probe(path: Path) -> bool:
-    """Whether some process holds an flock on `path` (this one included)."""
-    if str(path.resolve()) in _HELD:
-        return True
-    try:
-        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
-    except FileNotFoundError:
-        return False
-    try:
-        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
-    except BlockingIOError:
-        return True
-    finally:
-        os.close(fd)
-    return False
-
-
 def hold_study_lock(study: Study, wait: float = 0.5) -> None:
-    """Hold study.lock for the rest of this process's life; a UserError if another holds it.
-    The kernel drops it when the process dies, even by SIGKILL."""
-    key = str(study.lock_path.resolve())
-    if key in _HELD:
-        return
-    fd = os.open(study.lock_path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
-    deadline = time.monotonic() + wait
-    while True:
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            break
-        except BlockingIOError:
-            if time.monotonic() >= deadline:
-                os.close(fd)
-                raise UserError(f"Study {study.id} is already running (pid {study.runner_pid()}); "
-                                f"watch it with `mamlpp watch {study.id}`.") from None
-            time.sleep(0.02)
-    os.ftruncate(fd, 0)
-    os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
-    _HELD[key] = fd
+    """Hold study.lock for the rest of this process's life; a UserError if another holds it."""
+    process_lock.hold(study.lock_path, lambda pid: (
+        f"Study {study.id} is already running (pid {pid}); watch it with "
+        f"`mamlpp watch {study.id}`."), wait)
 
 
 def release_study_lock(study: Study) -> None:
-    fd = _HELD.pop(str(study.lock_path.resolve()), None)
-    if fd is not None:
-        os.close(fd)
+    process_lock.release(study.lock_path)
 
 
 @contextlib.contextmanager
