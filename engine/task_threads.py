@@ -6,6 +6,14 @@ each, one thread per op, beat two threads per op (benchmarks/results/cpu-threads
 they degrade gracefully when another process takes a core. Torch ops release the GIL, so plain
 Python threads suffice. The intra-op thread count is process-wide in torch, so it is lowered for
 the duration and restored after.
+
+Every other thread the engine starts that runs torch ops (the data prefetcher) runs them on one
+intra-op thread (`start_worker_thread`). Why: with OpenMP (libgomp, torch's CPU builds) each
+thread that runs a parallel op gets a team of its own, and once the process has more OpenMP
+threads than cores, libgomp makes every team stop spin-waiting between parallel regions, so the
+training thread's many small parallel ops each wait for its workers to wake up. One background
+thread that had run a single parallel op slowed a plain omniglot-5w1s second-order step by
+10-25% (benchmarks/background_thread.py).
 """
 
 from __future__ import annotations
@@ -26,6 +34,29 @@ def auto_workers(device: torch.device) -> int:
     """One worker per intra-op thread torch would use on CPU; one on accelerators, whose
     kernels are asynchronous and already fill the device."""
     return torch.get_num_threads() if device.type == "cpu" else 1
+
+
+def start_worker_thread(target: Callable[[], Any], name: str) -> threading.Thread:
+    """Start a daemon thread whose torch ops run on one intra-op thread (see above).
+
+    `torch.set_num_threads` sets the calling thread's OpenMP thread count and a process-wide
+    default that a thread takes at its first torch call; so each side makes that call first
+    (the caller's count and the worker's are settled), then the worker takes one thread and the
+    caller puts the default back."""
+    threads = torch.get_num_threads()
+    ready = threading.Event()
+
+    def run() -> None:
+        torch.get_num_threads()  # torch's per-thread setup first: it would reapply the default
+        torch.set_num_threads(1)
+        ready.set()
+        target()
+
+    thread = threading.Thread(target=run, name=name, daemon=True)
+    thread.start()
+    ready.wait()
+    torch.set_num_threads(threads)
+    return thread
 
 
 class _Sequential:

@@ -37,6 +37,7 @@ import torch
 
 from engine.data.cache import FewShotDataset
 from engine.errors import UserError
+from engine.task_threads import start_worker_thread
 from engine.tasks import TaskBatch
 
 if TYPE_CHECKING:
@@ -247,8 +248,7 @@ class Prefetcher:
         self._queue: queue.Queue = queue.Queue(maxsize=max(1, depth))
         self._stop = threading.Event()
         self._finished = False
-        self._thread = threading.Thread(target=self._work, name="mamlpp-prefetch", daemon=True)
-        self._thread.start()
+        self._thread = start_worker_thread(self._work, "mamlpp-prefetch")
 
     def __len__(self) -> int:
         return self.n_batches
