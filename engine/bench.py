@@ -317,7 +317,8 @@ def _train_phase(job: dict, cfg, dataset, device, order: str, matmul: float) -> 
     second = order == "second"
     d, t = cfg.data, cfg.train
     warmup, iters = int(job["warmup"]), int(job["iters"])
-    weights = msl_weights(0, t.inner_steps, cfg.maml_pp.msl_epochs, cfg.maml_pp.msl)
+    epoch = int(job.get("epoch", 0))  # 0: the MSL phase, every step's query loss counts
+    weights = msl_weights(epoch, t.inner_steps, cfg.maml_pp.msl_epochs, cfg.maml_pp.msl)
     memory = PeakMemory(device)
     memory.reset()
     learner = MetaLearner(cfg, device)
@@ -348,7 +349,7 @@ def _train_phase(job: dict, cfg, dataset, device, order: str, matmul: float) -> 
             cpu_times.append(time.process_time() - c0)
             waits.append(batches.wait_seconds - w0)
     out: dict[str, Any] = {
-        "order": order, "second_order": second, "epoch": 0, "msl_weights": weights,
+        "order": order, "second_order": second, "epoch": epoch, "msl_weights": weights,
         "path": _path(learner.paths, second),
         "warmup": warmup, "iters": iters, "seconds": times,
         "s_per_iter": statistics.median(times), "s_per_iter_min": min(times),

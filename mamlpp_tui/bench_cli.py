@@ -95,10 +95,20 @@ def bench(
                                    help="Config override for every preset: section.key=value."),
     as_json: bool = typer.Option(False, "--json", help="Print the report as JSON."),
     out: Path = typer.Option(None, "--out", help="Also write the JSON report to this file."),
+    whole_run: bool = typer.Option(
+        False, "--whole-run",
+        help="Estimate each preset's whole schedule (first-order epochs, then second order, "
+             "validation every epoch, the ensemble) from its timed phases, next to the "
+             "reference code's schedule (second order throughout); default path only."),
 ) -> None:
     """Measure seconds per meta-iteration, validation speed, peak memory, FLOP/s and data
     waits on synthetic tasks shaped like each preset (no data set needed)."""
     from engine.bench import BenchOptions, parse_impls, run_bench, write_report
+
+    if whole_run:
+        _whole_run(list(preset) or ["quickstart"], list(set_), device, iters, eval_tasks,
+                   as_json, out)
+        return
 
     options = BenchOptions(
         presets=list(preset) or ["quickstart"],
@@ -127,3 +137,38 @@ def bench(
     console.print(_table(report, console.width))
     for line in _errors(report):
         console.print(line, markup=False, highlight=False)
+
+
+def _whole_run(presets: list[str], overrides: list[str], device: str, iters: int | None,
+               eval_tasks: int, as_json: bool, out: Path | None) -> None:
+    from engine.bench import expand_presets, resolve_device, write_report
+    from engine.whole_run import measure_whole_run
+
+    if eval_tasks < 1:
+        raise UserError("--whole-run needs --eval-tasks of at least 1 (validation is timed).")
+    device = resolve_device(device)
+    reports = [measure_whole_run(name, overrides, device, iters, eval_tasks,
+                                 lambda m: print(m, file=sys.stderr, flush=True))
+               for name in expand_presets(presets)]
+    report = {"schema": "mamlpp-whole-run/1", "runs": reports}
+    if out is not None:
+        write_report(report, out)
+    if as_json:
+        print(json.dumps(report, indent=2))
+        return
+    from rich.console import Console
+
+    console = Console()
+    for r in reports:
+        ours, ref = r["schedule"], r["reference_schedule"]
+        console.print(f"{r['preset']}: whole run {ours['total_hours']:.1f} h "
+                      f"(training {ours['training_s'] / 3600:.1f} h, validation "
+                      f"{ours['validation_s'] / 3600:.1f} h, ensemble "
+                      f"{ours['ensemble_s'] / 60:.0f} min); with the reference code's schedule "
+                      f"(second order throughout) {ref['total_hours']:.1f} h", markup=False,
+                      highlight=False)
+        for phase in r["phases"]:
+            console.print(f"  {phase['phase']}: {phase['s_per_iter']:.3f} s/iteration",
+                          markup=False, highlight=False)
+        console.print(f"  validation: {r['validation']['s_per_task']:.4f} s/task",
+                      markup=False, highlight=False)
