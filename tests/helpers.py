@@ -37,3 +37,27 @@ def grads(learner: MetaLearner) -> dict[str, torch.Tensor]:
 
 def flat(d: dict[str, torch.Tensor]) -> torch.Tensor:
     return torch.cat([v.reshape(-1) for v in d.values()])
+
+
+def run_main(capsys, *argv: str) -> tuple[int, str, str]:
+    """`mamlpp ARGV` through the real entry point, in this process: (exit code, stdout,
+    stderr)."""
+    from mamlpp_tui import cli
+
+    code = 0
+    try:
+        cli.main(list(argv))
+    except SystemExit as e:
+        code = e.code if isinstance(e.code, int) else 1
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def one_line_error(code: int, err: str) -> str:
+    """A usage or user error as the CLI must give it: exit 2, one line `error: ...`, no
+    traceback. Returns the line."""
+    assert code == 2, err
+    lines = [ln for ln in err.splitlines() if ln.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error: "), err
+    assert "Traceback" not in err
+    return lines[0]

@@ -15,6 +15,7 @@ import pytest
 import typer
 
 from mamlpp_tui import cli
+from tests.helpers import one_line_error, run_main
 
 
 def _commands(group=None, path=()):
@@ -35,24 +36,6 @@ def _required_arguments(command) -> int:
                if type(p).__name__.endswith("Argument") and p.required)
 
 
-def run_main(monkeypatch, capsys, *argv: str) -> tuple[int, str, str]:
-    code = 0
-    try:
-        cli.main(list(argv))
-    except SystemExit as e:
-        code = e.code if isinstance(e.code, int) else 1
-    out, err = capsys.readouterr()
-    return code, out, err
-
-
-def _one_line_error(code: int, err: str) -> None:
-    assert code == 2, err
-    lines = [ln for ln in err.splitlines() if ln.strip()]
-    assert len(lines) == 1, err
-    assert lines[0].startswith("error: "), err
-    assert "Traceback" not in err
-
-
 @pytest.fixture(autouse=True)
 def home(tmp_path, monkeypatch):
     monkeypatch.setenv("MAMLPP_HOME", str(tmp_path))
@@ -67,8 +50,8 @@ def test_every_command_is_walked():
 
 @pytest.mark.parametrize("path", [p for p, _ in COMMANDS], ids=" ".join)
 def test_unknown_flag(path, monkeypatch, capsys):
-    code, out, err = run_main(monkeypatch, capsys, *path, "--no-such-flag")
-    _one_line_error(code, err)
+    code, out, err = run_main(capsys, *path, "--no-such-flag")
+    one_line_error(code, err)
     assert "--no-such-flag" in err and f"mamlpp {' '.join(path)} --help" in err
     assert out == ""
 
@@ -76,8 +59,8 @@ def test_unknown_flag(path, monkeypatch, capsys):
 @pytest.mark.parametrize("path", [p for p, c in COMMANDS if _required_arguments(c)],
                          ids=" ".join)
 def test_missing_argument(path, monkeypatch, capsys):
-    code, _, err = run_main(monkeypatch, capsys, *path)
-    _one_line_error(code, err)
+    code, _, err = run_main(capsys, *path)
+    one_line_error(code, err)
     assert "Missing argument" in err
 
 
@@ -85,8 +68,8 @@ def test_missing_argument(path, monkeypatch, capsys):
 def test_too_many_arguments(path, monkeypatch, capsys):
     command = dict(COMMANDS)[path]
     extra = ["x"] * (_required_arguments(command) + 5)
-    code, _, err = run_main(monkeypatch, capsys, *path, *extra)
-    _one_line_error(code, err)
+    code, _, err = run_main(capsys, *path, *extra)
+    one_line_error(code, err)
 
 
 @pytest.mark.parametrize("path", [p for p, c in COMMANDS
@@ -95,8 +78,8 @@ def test_too_many_arguments(path, monkeypatch, capsys):
 def test_bad_device_is_refused_before_any_work(path, monkeypatch, capsys):
     command = dict(COMMANDS)[path]
     args = ["x"] * _required_arguments(command)
-    code, _, err = run_main(monkeypatch, capsys, *path, *args, "--device", "tpu9")
-    _one_line_error(code, err)
+    code, _, err = run_main(capsys, *path, *args, "--device", "tpu9")
+    one_line_error(code, err)
     assert "'tpu9' is not a device" in err
 
 
@@ -109,13 +92,13 @@ def test_bad_device_is_refused_before_any_work(path, monkeypatch, capsys):
     (["run", "--set"], "--set"),
 ])
 def test_bad_values(argv, needle, monkeypatch, capsys):
-    code, _, err = run_main(monkeypatch, capsys, *argv)
-    _one_line_error(code, err)
+    code, _, err = run_main(capsys, *argv)
+    one_line_error(code, err)
     assert needle in err
 
 
 def test_bare_group_prints_its_help(monkeypatch, capsys):
-    code, out, err = run_main(monkeypatch, capsys, "data")
+    code, out, err = run_main(capsys, "data")
     assert code == 0 and "fetch" in out + err and "Traceback" not in out + err
 
 
@@ -126,5 +109,5 @@ def test_console_entry_point_in_a_fresh_process(argv, tmp_path):
     env = dict(os.environ, MAMLPP_HOME=str(tmp_path))
     proc = subprocess.run([sys.executable, "-m", "mamlpp_tui", *argv], env=env, text=True,
                           capture_output=True, timeout=120, stdin=subprocess.DEVNULL)
-    _one_line_error(proc.returncode, proc.stderr)
+    one_line_error(proc.returncode, proc.stderr)
     assert proc.stdout == ""

@@ -23,7 +23,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from mamlpp_tui import cli
+from tests.helpers import run_main
 from tests.run_fixtures import TINY, events, run_dir, sets, story
 
 RUN_FIGURES = {"losses", "validation", "ensemble", "msl_weights", "meta_lr", "lslr_heatmap",
@@ -77,13 +77,7 @@ def run_cli(monkeypatch, capsys, home: Path, *argv: str,
             columns: int = 100) -> tuple[int, str, str]:
     monkeypatch.setenv("MAMLPP_HOME", str(home))
     monkeypatch.setenv("COLUMNS", str(columns))
-    code = 0
-    try:
-        cli.main(list(argv))
-    except SystemExit as e:
-        code = e.code if isinstance(e.code, int) else 1
-    out, err = capsys.readouterr()
-    return code, out, err
+    return run_main(capsys, *argv)
 
 
 class _Refs(HTMLParser):

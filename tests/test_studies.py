@@ -25,7 +25,7 @@ from engine.events import EventWriter, read_events
 from engine.msl import msl_weights
 from engine.run_store import RunDir, atomic_write_json
 from engine.schedule import second_order_at
-from mamlpp_tui import cli
+from tests.helpers import one_line_error, run_main
 from tests.run_fixtures import final_tensors, sets, wait_for
 
 # ---------------------------------------------------------------- the ladder, from SPEC.md
@@ -110,24 +110,6 @@ def test_leave_one_out_drops_exactly_one_technique_per_row() -> None:
 # ---------------------------------------------------------------- the CLI, in process
 
 
-def run_main(capsys, *argv: str) -> tuple[int, str, str]:
-    code = 0
-    try:
-        cli.main(list(argv))
-    except SystemExit as e:
-        code = e.code if isinstance(e.code, int) else 1
-    out, err = capsys.readouterr()
-    return code, out, err
-
-
-def one_sentence(code: int, err: str) -> str:
-    assert code == 2, err
-    lines = [ln for ln in err.splitlines() if ln.strip()]
-    assert len(lines) == 1 and lines[0].startswith("error: "), err
-    assert "Traceback" not in err
-    return lines[0]
-
-
 @pytest.fixture
 def home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     monkeypatch.setenv("MAMLPP_HOME", str(tmp_path / "home"))
@@ -168,7 +150,7 @@ def test_ablate_list_prints_the_variants_and_runs_nothing(home: Path, capsys) ->
 ])
 def test_bad_input_is_one_sentence_and_exit_2(home: Path, capsys, argv, words) -> None:
     code, _, err = run_main(capsys, *argv)
-    assert words in one_sentence(code, err)
+    assert words in one_line_error(code, err)
     assert not (home / "runs").exists() or not any((home / "runs").iterdir())
     assert not (home / "studies").exists() or not any((home / "studies").iterdir())
 
@@ -178,7 +160,7 @@ def test_same_name_with_other_settings_is_refused(home: Path, capsys) -> None:
     assert code == 0 and out.count("mamlpp run") == 1
     before = (home / "studies" / "s1" / "study.json").read_text()
     code, _, err = run_main(capsys, "sweep", "--seeds", "0,1", "--name", "s1", "--dry-run")
-    line = one_sentence(code, err)
+    line = one_line_error(code, err)
     assert "different settings" in line and "mamlpp study resume s1" in line
     assert (home / "studies" / "s1" / "study.json").read_text() == before
     # the same settings again: the same study, the same commands
@@ -305,18 +287,18 @@ def test_edited_or_deleted_member_runs_are_refused_and_kept(home: Path, capsys) 
     cfg = study.member("base", 0).config
     code, _, err = run_main(capsys, "run", *sets(), "--set", "train.seed=0", "--study", "ed",
                             "--variant", "base", "--no-tui")
-    assert f"already has run {a.run_id}" in one_sentence(code, err)
+    assert f"already has run {a.run_id}" in one_line_error(code, err)
     code, _, err = run_main(capsys, "run", *sets(), "--set", "train.seed=0",
                             "--set", "train.meta_lr=0.01", "--study", "ed", "--variant",
                             "base", "--no-tui")
-    assert "train.meta_lr is 0.01 where the study asked" in one_sentence(code, err)
+    assert "train.meta_lr is 0.01 where the study asked" in one_line_error(code, err)
     assert sorted(p.name for p in (home / "runs").iterdir()) == sorted([a.run_id, b.run_id])
     # a config edited by hand
     raw = a.read_config()
     raw["train"]["epochs"] = cfg["train"]["epochs"] + 1
     atomic_write_json(a.config_path, raw)
     for argv in (["study", "show", "ed"], ["study", "resume", "ed"], ["study", "collect", "ed"]):
-        line = one_sentence(*run_main(capsys, *argv)[::2])
+        line = one_line_error(*run_main(capsys, *argv)[::2])
         assert f"Run {a.run_id} (base seed 0 of study ed) was edited by hand" in line
         assert "train.epochs" in line
     raw["train"]["epochs"] = cfg["train"]["epochs"]
@@ -324,7 +306,7 @@ def test_edited_or_deleted_member_runs_are_refused_and_kept(home: Path, capsys) 
     # a deleted member run
     shutil.rmtree(b.path)
     for argv in (["study", "show", "ed"], ["study", "resume", "ed"]):
-        line = one_sentence(*run_main(capsys, *argv)[::2])
+        line = one_line_error(*run_main(capsys, *argv)[::2])
         assert f"Run {b.run_id} (base seed 1 of study ed) was deleted" in line
         assert "--rerun-deleted" in line
     from engine.errors import UserError
@@ -469,7 +451,7 @@ def test_watch_takes_runs_first_then_studies(home: Path, capsys, monkeypatch) ->
         assert opened.pop() == want
     make_study(capsys, "wa2", "sweep", *sets(), "--seeds", "0")
     code, _, err = run_main(capsys, "watch", "wa")  # a run and two studies
-    assert "matches runs" in one_sentence(code, err) and not opened
+    assert "matches runs" in one_line_error(code, err) and not opened
 
 
 # ---------------------------------------------------------------- real studies, end to end
