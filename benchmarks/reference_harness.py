@@ -43,6 +43,26 @@ PRESETS = {
         "iters": 4,
         "val_tasks": 10,
     },
+    "omniglot-5w5s": {
+        "config": "configs/omniglot_maml++-omniglot_5_8_0.1_64_5_0.json",
+        "iters": 4,
+        "val_tasks": 20,
+    },
+    "omniglot-20w1s": {
+        "config": "configs/omniglot_maml++-omniglot_1_8_0.1_64_20_0.json",
+        "iters": 3,
+        "val_tasks": 16,
+    },
+    "omniglot-20w5s": {
+        "config": "configs/omniglot_maml++-omniglot_5_8_0.1_64_20_0.json",
+        "iters": 2,
+        "val_tasks": 8,
+    },
+    "mini-imagenet-5w1s": {
+        "config": "configs/mini-imagenet_maml++-mini-imagenet_1_2_0.01_48_5_0.json",
+        "iters": 3,
+        "val_tasks": 10,
+    },
 }
 
 REPO = "AntreasAntoniou/HowToTrainYourMAMLPytorch"
@@ -62,6 +82,14 @@ SOURCES = [
     ("configs/mini-imagenet_maml++-mini-imagenet_5_2_0.01_48_5_0.json",
      "experiment_config/mini-imagenet_maml++-mini-imagenet_5_2_0.01_48_5_0.json",
      "0cbec876a64d5b0a1b720950c9d919f9751091ab", "5885085218"),
+]
+# the other four presets' configs, same commit (read by repo, path and commit)
+SOURCES += [
+    (f"configs/{name}", f"experiment_config/{name}", "0cbec876a64d5b0a1b720950c9d919f9751091ab", None)
+    for name in ("omniglot_maml++-omniglot_5_8_0.1_64_5_0.json",
+                 "omniglot_maml++-omniglot_1_8_0.1_64_20_0.json",
+                 "omniglot_maml++-omniglot_5_8_0.1_64_20_0.json",
+                 "mini-imagenet_maml++-mini-imagenet_1_2_0.01_48_5_0.json")
 ]
 
 EDITS = [

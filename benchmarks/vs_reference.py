@@ -17,6 +17,7 @@ results/vs-reference-PRESET-DATE.json.
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import os
 import statistics
@@ -29,7 +30,10 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 HARNESS = ROOT / "benchmarks" / "reference_harness.py"
 # the harness's preset names
-REFERENCE_NAME = {"omniglot-5w1s": "omniglot-5w1s", "miniimagenet-5w5s": "mini-imagenet-5w5s"}
+REFERENCE_NAME = {"omniglot-5w1s": "omniglot-5w1s", "omniglot-5w5s": "omniglot-5w5s",
+                  "omniglot-20w1s": "omniglot-20w1s", "omniglot-20w5s": "omniglot-20w5s",
+                  "miniimagenet-5w1s": "mini-imagenet-5w1s",
+                  "miniimagenet-5w5s": "mini-imagenet-5w5s"}
 
 
 def _reference(preset: str, phase: str, iters: int, tasks: int) -> dict:
@@ -53,7 +57,10 @@ def _mamlpp(preset: str, iters: int, tasks: int) -> dict:
     row = json.loads(proc.stdout)["results"][0]
     return {"s_per_iter": row["train"]["second"]["s_per_iter"],
             "s_per_task": row["eval"]["s_per_task"],
-            "train_peak_rss_gib": row["train"]["second"].get("process_peak_rss_bytes", 0) / 2**30}
+            "train_peak_rss_gib": row["train"]["second"].get("process_peak_rss_bytes", 0) / 2**30,
+            # the roofline's inputs: FLOPs of one step, and the matmul yardstick of the same run
+            "flops_per_iter": row["train"]["second"].get("flops_per_iter"),
+            "matmul_flops_per_s": row["train"]["second"].get("matmul_flops_per_s")}
 
 
 def main() -> int:
@@ -88,7 +95,12 @@ def main() -> int:
 
     from engine.bench import device_info
 
-    report = {"preset": args.preset, "iters": args.iters, "tasks": args.tasks,
+    ref_dir = Path(os.environ["MAMLPP_REFERENCE_DIR"])
+    ref_files = {str(p.relative_to(ref_dir)): hashlib.sha256(p.read_bytes()).hexdigest()
+                 for p in sorted([*ref_dir.glob("*.py"), *ref_dir.glob("utils/*.py"),
+                                  *ref_dir.glob("configs/*.json")])}
+    report = {"preset": args.preset, "reference_files_sha256": ref_files,
+              "iters": args.iters, "tasks": args.tasks,
               "device": device_info("cpu"), "time": time.strftime("%Y-%m-%dT%H:%M:%S"),
               "rounds": rounds,
               "speedup_second_order": ratio("s_per_iter"),
