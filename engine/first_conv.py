@@ -1,0 +1,50 @@
+"""The first convolution of single-channel images (Omniglot) with its weight gradient as one
+batched matrix product.
+
+The first layer's input is data, so its backward needs only the weight and bias gradients.
+For one input channel torch's CPU convolution backward computes the weight gradient several
+times slower than a batched matmul of the output gradient with the unfolded 3x3 patches of the
+images (benchmarks/README.md); for three channels it is faster, so this serves one channel
+only. The backward is written in differentiable torch ops, so a second-order outer backward
+differentiates it as it differentiates any other part of the inner loop. Same values as
+F.conv2d(x, weight, bias, padding=1) and its gradients up to float rounding (tested against
+the reference path).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+
+def applies(x: torch.Tensor, weight: torch.Tensor) -> bool:
+    """Plain autograd only (not under torch.func), images without a graph, one channel."""
+    return x.shape[1] == 1 and not x.requires_grad and weight.shape[-2:] == (3, 3)
+
+
+def weight_grad(x: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
+    """d loss / d weight of a 3x3, padding-1 convolution: sum over images and positions of
+    the output gradient g [N, O, H, W] times the input patch at that position."""
+    n, o = g.shape[:2]
+    cols = F.unfold(x, 3, padding=1)  # [N, C*9, H*W]
+    if g.stride(1) == 1 and g.shape[2] * g.shape[3] > 1:  # channels-last: [N, H*W, O] is a view
+        gw = torch.bmm(cols, g.permute(0, 2, 3, 1).reshape(n, -1, o)).sum(0).t()
+    else:
+        gw = torch.bmm(g.reshape(n, o, -1), cols.transpose(1, 2)).sum(0)
+    return gw.reshape(o, x.shape[1], 3, 3)
+
+
+class _FirstConv(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, weight, bias):
+        ctx.save_for_backward(x)
+        return F.conv2d(x, weight, bias, padding=1)
+
+    @staticmethod
+    def backward(ctx, g):
+        (x,) = ctx.saved_tensors
+        return None, weight_grad(x, g), g.sum((0, 2, 3))
+
+
+def first_conv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+    return _FirstConv.apply(x, weight, bias)
