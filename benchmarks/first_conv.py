@@ -1,7 +1,8 @@
 """The default path with and without engine/first_conv.py (the first convolution of
 single-channel images with its weight gradient as a batched matmul), alternating in one process.
 
-Two learners of the same preset take the same batches round after round, in alternating order;
+Two learners of the same preset take the same batches round after round, in alternating order
+(a meta-update, or with `--order validation` an evaluation of a meta-batch of tasks);
 `off` makes `first_conv.applies` say no, so that learner runs torch's convolution backward.
 Writes results/first-conv-DATE.json with every round's seconds and the median per-round ratio.
 
@@ -39,7 +40,10 @@ def _measure(preset: str, order: str, rounds: int) -> dict:
     def step(name, batch, timed=True):
         fc.applies = applies if name == "on" else (lambda *a: False)
         t0 = time.perf_counter()
-        _update(learners[name], batch, weights, second)
+        if order == "validation":  # evaluate's first-order adaptation of meta_batch tasks
+            learners[name].evaluate(batch)
+        else:
+            _update(learners[name], batch, weights, second)
         if timed:
             seconds[name].append(time.perf_counter() - t0)
 
@@ -63,7 +67,8 @@ def _measure(preset: str, order: str, rounds: int) -> dict:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--preset", action="append", default=None)
-    parser.add_argument("--order", choices=("first", "second"), action="append", default=None)
+    parser.add_argument("--order", choices=("first", "second", "validation"), action="append",
+                        default=None)
     parser.add_argument("--rounds", type=int, default=8)
     args = parser.parse_args()
     sys.path.insert(0, str(ROOT))

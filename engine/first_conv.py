@@ -4,9 +4,12 @@ batched matrix product.
 The first layer's input is data, so its backward needs only the weight and bias gradients.
 For one input channel torch's CPU convolution backward computes the weight gradient several
 times slower than a batched matmul of the output gradient with the unfolded 3x3 patches of the
-images (benchmarks/README.md); for three channels it is faster, so this serves one channel
-only. The backward is written in differentiable torch ops, so a second-order outer backward
-differentiates it as it differentiates any other part of the inner loop. Same values as
+images, and its derivative (in the second-order outer backward) adds a transposed convolution
+for the images' gradient that nothing uses; for three channels torch's is faster, so this
+serves one channel only. The backward is written in differentiable torch ops, so the outer
+backward differentiates it as any other part of the inner loop. It serves the second-order
+support passes of the per-task loop (engine/model.py, `lean_second_order`), where it measured
+faster; first-order passes measured the same or slower (benchmarks/README.md). Same values as
 F.conv2d(x, weight, bias, padding=1) and its gradients up to float rounding (tested against
 the reference path).
 """

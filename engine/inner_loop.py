@@ -32,18 +32,15 @@ class InnerPlan:
 
 def _support_loss(adapted: Params, bn: Params, x: torch.Tensor, y: torch.Tensor, step: int,
                   running: Params | None, track: bool, lean: bool = False,
-                  stats_out: torch.Tensor | None = None,
-                  plain: bool = False) -> tuple[torch.Tensor, BatchStats]:
+                  stats_out: torch.Tensor | None = None) -> tuple[torch.Tensor, BatchStats]:
     logits, stats = forward(adapted, bn, x, step, running, track, lean_second_order=lean,
-                            stats_out=stats_out, plain_autograd=plain)
+                            stats_out=stats_out)
     return F.cross_entropy(logits, y), stats
 
 
 def _query_loss(adapted: Params, bn: Params, x: torch.Tensor, y: torch.Tensor, step: int,
-                running: Params | None, track: bool, stats_out: torch.Tensor | None = None,
-                plain: bool = False):
-    logits, stats = forward(adapted, bn, x, step, running, track, stats_out=stats_out,
-                            plain_autograd=plain)
+                running: Params | None, track: bool, stats_out: torch.Tensor | None = None):
+    logits, stats = forward(adapted, bn, x, step, running, track, stats_out=stats_out)
     loss = F.cross_entropy(logits, y)
     return loss, (loss, logits, stats)
 
@@ -193,11 +190,11 @@ def inner_loop(
         out = kept and kept.stats_out(len(stats))
         if plan.second_order:
             g, s = grad(_support_loss, has_aux=True)(fast, bn, x_support, y_support, i, run,
-                                                     plan.track_stats, lean, out, lean)
+                                                     plan.track_stats, lean, out)
         else:
             g, s = grad(_support_loss, has_aux=True)(_detached(fast), _detached(bn), x_support,
                                                      y_support, i, run, plan.track_stats,
-                                                     False, out, lean)
+                                                     False, out)
         stats.append(s)
         fast = {k: w - lrs[k][min(i, lrs[k].shape[0] - 1)] * g[k] for k, w in fast.items()}
         if i not in plan.loss_steps:
@@ -208,8 +205,7 @@ def inner_loop(
             loss = F.cross_entropy(logits, y_query)
         else:
             (g_fast, g_bn), (loss, logits, s) = grad(_query_loss, argnums=(0, 1), has_aux=True)(
-                _detached(fast), _detached(bn), x_query, y_query, i, run, plan.track_stats, out,
-                lean)
+                _detached(fast), _detached(bn), x_query, y_query, i, run, plan.track_stats, out)
             if kept:
                 g_fast, g_bn = (_copy_into(into, g)
                                 for into, g in zip(kept.grads[len(losses)], (g_fast, g_bn)))

@@ -112,7 +112,6 @@ def forward(
     track: bool = False,
     lean_second_order: bool = False,
     stats_out: torch.Tensor | None = None,
-    plain_autograd: bool = False,
 ) -> tuple[torch.Tensor, BatchStats]:
     """Logits for images x [n, C, H, W] at inner step `step`.
 
@@ -124,15 +123,15 @@ def forward(
     torch's, and a graph that keeps a quarter of the pooled layer's gradient. `stats_out`
     ([stages, 2, filters], plain autograd only) receives the tracked statistics instead of the
     returned list, so that no tensor created mid-pass outlives it (engine/inner_loop.py, `_Kept`).
-    `plain_autograd` (not under torch.func) lets single-channel images take the first
-    convolution from engine/first_conv.py, whose weight gradient is a batched matmul.
+    With `lean_second_order`, single-channel images also take the first convolution from
+    engine/first_conv.py, whose weight gradient (and its derivative) is a batched matmul.
     """
     stats: BatchStats = []
     stages = len(bn) // 2
     for i in range(stages):
         pooled = False  # batch_norm_pool took the max-pool too
         weight, bias = adapted[f"conv{i}.weight"], adapted[f"conv{i}.bias"]
-        if i == 0 and (plain_autograd or lean_second_order) and first_conv.applies(x, weight):
+        if i == 0 and lean_second_order and first_conv.applies(x, weight):
             x = first_conv.first_conv(x, weight, bias)
         else:
             x = F.conv2d(x, weight, bias, padding=1)
