@@ -19,6 +19,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from engine.tasks import has_nhwc_strides
+
 
 def applies(x: torch.Tensor, weight: torch.Tensor) -> bool:
     """Plain autograd only (not under torch.func), images without a graph, one channel."""
@@ -30,7 +32,7 @@ def weight_grad(x: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
     the output gradient g [N, O, H, W] times the input patch at that position."""
     n, o = g.shape[:2]
     cols = F.unfold(x, 3, padding=1)  # [N, C*9, H*W]
-    if g.stride(1) == 1 and g.shape[2] * g.shape[3] > 1:  # channels-last: [N, H*W, O] is a view
+    if has_nhwc_strides(g):  # then [N, H*W, O] is a view
         gw = torch.bmm(cols, g.permute(0, 2, 3, 1).reshape(n, -1, o)).sum(0).t()
     else:
         gw = torch.bmm(g.reshape(n, o, -1), cols.transpose(1, 2)).sum(0)

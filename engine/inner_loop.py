@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from torch.func import grad as torch_func_grad
 
 from engine.model import BatchStats, Params, forward
+from engine.tasks import has_nhwc_strides
 
 
 @dataclass(frozen=True)
@@ -123,12 +124,6 @@ def _detach_all(tree):
     return tree
 
 
-def _channels_last(x: torch.Tensor) -> bool:
-    """Whether images have NHWC strides (TaskBatch.channels_last gives them even to one
-    channel, where NCHW and NHWC are otherwise the same tensor)."""
-    return x.dim() == 4 and x.stride(1) == 1 and x.shape[2] * x.shape[3] > 1
-
-
 def _like_channels_last(params: Params) -> Params:
     """Conv weights in channels-last too: with NCHW weights every channels-last conv reorders
     its weight (a copy per call) and each inner update mixes layouts. Same numbers, a few
@@ -179,7 +174,7 @@ def inner_loop(
     # so it serves the per-task loop, not torch.func's transforms
     lean = not plan.functional
     fast = adapted
-    if not plan.functional and _channels_last(x_support):
+    if not plan.functional and has_nhwc_strides(x_support):
         fast = _like_channels_last(fast)
     kept = None if plan.functional else _Kept.allocate(fast, bn, x_query, plan,
                                                        weights is not None)

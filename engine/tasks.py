@@ -7,6 +7,12 @@ from dataclasses import dataclass
 import torch
 
 
+def has_nhwc_strides(x: torch.Tensor) -> bool:
+    """Whether a [n, C, H, W] tensor is laid out channels-last (TaskBatch.channels_last gives
+    images that layout even with one channel, where NCHW and NHWC are otherwise the same)."""
+    return x.dim() == 4 and x.stride(1) == 1 and x.shape[2] * x.shape[3] > 1
+
+
 @dataclass
 class TaskBatch:
     """B tasks; images already float and normalised, labels 0..ways-1.
