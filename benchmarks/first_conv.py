@@ -18,6 +18,7 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
 
 
 def _measure(preset: str, order: str, rounds: int) -> dict:
@@ -71,7 +72,6 @@ def main() -> int:
                         default=None)
     parser.add_argument("--rounds", type=int, default=8)
     args = parser.parse_args()
-    sys.path.insert(0, str(ROOT))
     from engine.bench import device_info, write_report
 
     runs = [_measure(preset, order, args.rounds)

@@ -20,6 +20,11 @@ import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from engine.config import resolve  # noqa: E402
+from engine.whole_run import estimate, reference_schedule  # noqa: E402
+
 RESULTS = ROOT / "benchmarks" / "results"
 PRESETS = ["omniglot-5w1s", "omniglot-5w5s", "omniglot-20w1s", "omniglot-20w5s",
            "miniimagenet-5w1s", "miniimagenet-5w5s"]
@@ -51,10 +56,6 @@ def _bench_flops(date: str) -> dict[str, tuple[float, float | None]]:
 
 
 def _reference_hours(preset: str, s_per_iter: float, s_per_task: float) -> float:
-    sys.path.insert(0, str(ROOT))
-    from engine.config import resolve
-    from engine.whole_run import estimate, reference_schedule
-
     cfg = reference_schedule(resolve(preset))
     every = {(True, True): s_per_iter, (True, False): s_per_iter}
     return estimate(cfg, every, s_per_task)["total_hours"]
