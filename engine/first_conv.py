@@ -23,7 +23,8 @@ from engine.tasks import has_nhwc_strides
 
 
 def applies(x: torch.Tensor, weight: torch.Tensor) -> bool:
-    """Plain autograd only (not under torch.func), images without a graph, one channel."""
+    """Images without a graph, one channel, a 3x3 kernel. The caller keeps it to plain
+    autograd (engine/model.py asks only with `lean_second_order`, never under torch.func)."""
     return x.shape[1] == 1 and not x.requires_grad and weight.shape[-2:] == (3, 3)
 
 
