@@ -262,10 +262,11 @@ def default_iters(preset_config) -> int:
 
 # What each bench "implementation" is, as config overrides: `auto` is the engine's default path
 # for the device, `plain` the per-task loop without the speed paths (no task threads, no
-# channels-last): the baseline the default must never be slower than.
+# folded tasks, no channels-last): the baseline the default must never be slower than.
 IMPLS = {
     "auto": [],
-    "plain": ["train.impl=loop", "train.task_threads=1", "train.channels_last=never"],
+    "plain": ["train.impl=loop", "train.task_threads=1", "train.task_group=1",
+              "train.channels_last=never"],
     "loop": ["train.impl=loop"],
     "vmap": ["train.impl=vmap"],
 }
@@ -288,9 +289,11 @@ def _config(job: dict):
 
 @contextlib.contextmanager
 def _one_task_thread(learner):
-    """The FLOP counter is a dispatch mode, which is per thread: count on the calling one."""
+    """The FLOP counter is a dispatch mode, which is per thread: count on the calling one, one
+    task per pass (torch's counter takes a grouped convolution's weight gradient for a dense
+    one, G times the FLOPs of the same arithmetic unfolded)."""
     paths = learner.paths
-    learner.paths = replace(paths, task_threads=1, task_threads_second_order=1)
+    learner.paths = replace(paths, task_threads=1, task_threads_second_order=1, task_group=1)
     try:
         yield
     finally:
@@ -469,7 +472,7 @@ def _path(paths, second: bool) -> dict[str, Any]:
     """What a training step of this order runs: the resolved fast path."""
     return {"impl": paths.impl, "precision": paths.precision,
             "task_threads": paths.task_threads_second_order if second else paths.task_threads,
-            "channels_last": list(paths.layout_for(second))}
+            "task_group": paths.task_group, "channels_last": list(paths.layout_for(second))}
 
 
 def _paired_phase(job: dict, dataset, device, order: str) -> dict[str, Any]:

@@ -65,6 +65,7 @@ class TrainConfig:
     impl: str = "auto"
     chunk_size: int = 0
     task_threads: int = 0
+    task_group: int = 0
     channels_last: str = "auto"
     precision: str = "auto"
 
@@ -295,6 +296,7 @@ def validate(cfg: Config) -> None:
     _choice("train.impl", t.impl, IMPLS)
     _at_least("train.chunk_size", t.chunk_size, 0)
     _at_least("train.task_threads", t.task_threads, 0)
+    _at_least("train.task_group", t.task_group, 0)
     _choice("train.channels_last", t.channels_last, CHANNELS_LAST)
     _choice("train.precision", t.precision, PRECISIONS)
     _at_least("maml_pp.msl_epochs", p.msl_epochs, 1 if p.msl else 0)

@@ -10,6 +10,12 @@ the engine's defaults") has the numbers, benchmarks/results/ the reports.
   Second-order training holds one task's whole graph per thread, so there auto uses several
   threads only for small images (<= SMALL_IMAGE px) and while their estimated graphs fit
   SECOND_ORDER_BUDGET: for large images a second thread was no faster and held GiBs more.
+- task_group: tasks folded into one pass's channels in training steps (engine/grouped.py), on
+  CPU where a task's tensors are small (first-stage activations up to FOLD_MAX_ELEMENTS, i.e.
+  Omniglot 5-way 1-shot): there each op's fixed cost outweighs its arithmetic and folding the
+  tasks a thread adapts into one pass was measured 1.3x faster in second-order steps. Auto
+  folds the meta-batch's share of one auto task thread, so it depends on the core count, never
+  on an explicit train.task_threads.
 - channels_last: on CPU for first-order steps (evaluation, first-order training), where it is
   faster (torch's NCHW max-pool is much slower than its channels-last one on the CPU).
   Second-order support passes stay NCHW: channels-last was slower or no faster there (NCHW
@@ -37,14 +43,18 @@ from engine.task_threads import auto_workers
 # H, W] float32 per inner step (fitted to measured graphs, benchmarks/README.md).
 SECOND_ORDER_BUDGET = 2 << 30
 SMALL_IMAGE = 32  # pixels a side up to which second-order steps use task threads
+# first-stage activation elements of a task's support set up to which CPU training folds tasks
+FOLD_MAX_ELEMENTS = 2**18
 _SAVED_PER_STEP = 12
 
 
-def second_order_task_bytes(config: Config) -> int:
+def first_stage_elements(config: Config) -> int:
     _, size, _ = config.image_shape
-    d, t = config.data, config.train
-    return (d.ways * d.shots * config.model.filters * size * size * 4 * _SAVED_PER_STEP
-            * t.inner_steps)
+    return config.data.ways * config.data.shots * config.model.filters * size * size
+
+
+def second_order_task_bytes(config: Config) -> int:
+    return first_stage_elements(config) * 4 * _SAVED_PER_STEP * config.train.inner_steps
 
 
 @dataclass(frozen=True)
@@ -56,6 +66,7 @@ class FastPaths:
     query_channels_last_second_order: bool  # auto on CPU, small images
     precision: str  # float32 | tf32 | bf16
     shared_arena: bool = False  # CPU threads share glibc's main arena (engine/allocator.py)
+    task_group: int = 1  # tasks folded into one pass in training steps (engine/grouped.py)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -91,7 +102,7 @@ def fast_paths(config: Config, device: torch.device) -> FastPaths:
     t = config.train
     if t.impl == "reference":  # the plain definition: one task at a time, NCHW, float32
         precision = t.precision if t.precision != "auto" else "float32"
-        return FastPaths("reference", 1, 1, "never", False, precision)
+        return FastPaths("reference", 1, 1, "never", False, precision, task_group=1)
     cpu = device.type == "cpu"
     layout = t.channels_last if t.channels_last != "auto" else ("first_order" if cpu else "never")
     precision = t.precision if t.precision != "auto" else ("float32" if cpu else "tf32")
@@ -101,8 +112,9 @@ def fast_paths(config: Config, device: torch.device) -> FastPaths:
     auto_second = max(1, min(workers, fits)) if small else 1
     threads = t.task_threads or workers
     second = t.task_threads or auto_second
+    impl = resolve_impl(t.impl, device)
     return FastPaths(
-        impl=resolve_impl(t.impl, device),
+        impl=impl,
         task_threads=threads,
         task_threads_second_order=second,
         channels_last=layout,
@@ -112,4 +124,15 @@ def fast_paths(config: Config, device: torch.device) -> FastPaths:
                                           and auto_second > 1),
         precision=precision,
         shared_arena=cpu and not small,
+        task_group=t.task_group or (_auto_group(config, workers, fits // auto_second)
+                                    if cpu and impl == "loop" else 1),
     )
+
+
+def _auto_group(config: Config, workers: int, graphs_per_thread: int) -> int:
+    """One auto task thread's share of the meta-batch, for tasks small enough to gain; at
+    most as many second-order graphs as the budget allows a thread."""
+    if first_stage_elements(config) > FOLD_MAX_ELEMENTS:
+        return 1
+    share = -(-config.train.meta_batch // max(1, workers))
+    return max(1, min(share, graphs_per_thread))

@@ -29,21 +29,35 @@ class InnerPlan:
     track_stats: bool  # return batch statistics for the running sets
     use_running: bool = False  # normalise with running sets (evaluation, bn_eval_stats=running)
     functional: bool = True  # torch.func.grad (needed under vmap) or plain torch.autograd.grad
+    groups: int = 1  # tasks folded into the channels (engine/grouped.py); 1: one task
+
+
+def task_losses(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """Cross-entropy of one task's logits [n, ways] (a scalar), or of folded tasks' logits
+    [tasks, n, ways] (one mean per task)."""
+    if logits.dim() == 2:
+        return F.cross_entropy(logits, y)
+    return F.cross_entropy(logits.transpose(1, 2), y, reduction="none").mean(1)
 
 
 def _support_loss(adapted: Params, bn: Params, x: torch.Tensor, y: torch.Tensor, step: int,
                   running: Params | None, track: bool, lean: bool = False,
-                  stats_out: torch.Tensor | None = None) -> tuple[torch.Tensor, BatchStats]:
+                  stats_out: torch.Tensor | None = None,
+                  groups: int = 1) -> tuple[torch.Tensor, BatchStats]:
     logits, stats = forward(adapted, bn, x, step, running, track, lean_second_order=lean,
-                            stats_out=stats_out)
-    return F.cross_entropy(logits, y), stats
+                            stats_out=stats_out, groups=groups)
+    loss = task_losses(logits, y)
+    # folded tasks: the sum of their losses, whose gradient is each task's own
+    return (loss if groups == 1 else loss.sum()), stats
 
 
 def _query_loss(adapted: Params, bn: Params, x: torch.Tensor, y: torch.Tensor, step: int,
-                running: Params | None, track: bool, stats_out: torch.Tensor | None = None):
-    logits, stats = forward(adapted, bn, x, step, running, track, stats_out=stats_out)
-    loss = F.cross_entropy(logits, y)
-    return loss, (loss, logits, stats)
+                running: Params | None, track: bool, stats_out: torch.Tensor | None = None,
+                groups: int = 1):
+    logits, stats = forward(adapted, bn, x, step, running, track, stats_out=stats_out,
+                            groups=groups)
+    loss = task_losses(logits, y)
+    return (loss if groups == 1 else loss.sum()), (loss, logits, stats)
 
 
 @dataclass
@@ -71,8 +85,11 @@ class _Kept:
         grads = [({k: torch.empty_like(v) for k, v in fast.items()},
                   {k: torch.empty_like(v) for k, v in bn.items()})
                  for _ in plan.loss_steps] if objective else []
-        logits = x_query.new_empty(x_query.shape[0], fast["linear.bias"].shape[-1])
-        return cls(stats, x_query.new_empty(len(plan.loss_steps)), logits, grads)
+        g, n = plan.groups, x_query.shape[0]
+        ways = fast["linear.bias"].shape[-1] // g
+        logits = x_query.new_empty(g, n, ways) if g > 1 else x_query.new_empty(n, ways)
+        losses = x_query.new_empty(len(plan.loss_steps), *((g,) if g > 1 else ()))
+        return cls(stats, losses, logits, grads)
 
     def stats_out(self, p: int) -> torch.Tensor | None:
         return None if self.stats is None else self.stats[p]
@@ -185,22 +202,24 @@ def inner_loop(
         out = kept and kept.stats_out(len(stats))
         if plan.second_order:
             g, s = grad(_support_loss, has_aux=True)(fast, bn, x_support, y_support, i, run,
-                                                     plan.track_stats, lean, out)
+                                                     plan.track_stats, lean, out, plan.groups)
         else:
             g, s = grad(_support_loss, has_aux=True)(_detached(fast), _detached(bn), x_support,
                                                      y_support, i, run, plan.track_stats,
-                                                     False, out)
+                                                     False, out, plan.groups)
         stats.append(s)
         fast = {k: w - lrs[k][min(i, lrs[k].shape[0] - 1)] * g[k] for k, w in fast.items()}
         if i not in plan.loss_steps:
             continue
         out = kept and kept.stats_out(len(stats))
         if weights is None:
-            logits, s = forward(fast, bn, x_query, i, run, plan.track_stats, stats_out=out)
-            loss = F.cross_entropy(logits, y_query)
+            logits, s = forward(fast, bn, x_query, i, run, plan.track_stats, stats_out=out,
+                                groups=plan.groups)
+            loss = task_losses(logits, y_query)
         else:
             (g_fast, g_bn), (loss, logits, s) = grad(_query_loss, argnums=(0, 1), has_aux=True)(
-                _detached(fast), _detached(bn), x_query, y_query, i, run, plan.track_stats, out)
+                _detached(fast), _detached(bn), x_query, y_query, i, run, plan.track_stats, out,
+                plan.groups)
             if kept:
                 g_fast, g_bn = (_copy_into(into, g)
                                 for into, g in zip(kept.grads[len(losses)], (g_fast, g_bn)))

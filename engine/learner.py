@@ -145,7 +145,8 @@ class MetaLearner:
             result = meta_batch(self.meta, batch, plan, w, self.impl,
                                 self.config.train.chunk_size, denominator=total,
                                 workers=(self.paths.task_threads_second_order if second_order
-                                         else self.paths.task_threads))
+                                         else self.paths.task_threads),
+                                group=self.paths.task_group)
         result.accuracy = (result.logits.argmax(-1) == batch.y_query).to(self.dtype).mean(-1)
         if self.world.active:
             self._gather(result)

@@ -3,8 +3,9 @@
 `reference` is engine/reference.py, MAML++ as the paper writes it, one task at a time; the two
 fast paths call `inner_loop` and must give its losses, logits, meta-gradients and batch
 statistics to float64 rounding (tests/test_reference_path.py). The loop runs a backward per
-task (second order then holds one task's graph at a time: the memory-lean path), optionally on
-several task threads; vmap runs `chunk` tasks at once (convs become grouped convs over tasks).
+part (second order then holds one part's graph at a time: the memory-lean path), optionally on
+several task threads; a part is one task, or `group` tasks folded into one network's channels
+(engine/grouped.py). vmap runs `chunk` tasks at once (convs become grouped convs over tasks).
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ from dataclasses import dataclass, replace
 import torch
 from torch.func import vmap
 
-from engine import reference
+from engine import grouped, reference
 from engine.inner_loop import InnerPlan, inner_loop
 from engine.model import BatchStats, Params
 from engine.task_threads import task_threads
@@ -43,6 +44,15 @@ def _run(meta: MetaParams, batch: TaskBatch, plan: InnerPlan, weights: torch.Ten
     data = (batch.x_support, batch.y_support, batch.x_query, batch.y_query)
     if vmapped:
         return vmap(lambda *d: inner_loop(*args, *d, plan, weights))(*data)
+    if batch.size > 1:  # tasks folded into the channels, plain autograd
+        g = batch.size
+        running = grouped.fold_rows(meta.running, g) if plan.use_running else meta.running
+        folded = (grouped.fold_params(meta.adapted, g), grouped.fold_rows(meta.bn, g),
+                  meta.lrs, running)
+        losses, logits, stats, objective = inner_loop(
+            *folded, *grouped.fold_batch(batch), replace(plan, functional=False, groups=g),
+            weights)
+        return losses.t(), logits, grouped.unfold_stats(stats, g), objective
     # one task at a time: plain autograd, faster on CPU than torch.func's wrapped ops
     # (benchmarks/README.md)
     return inner_loop(*args, *(d[0] for d in data), replace(plan, functional=False), weights)
@@ -80,13 +90,14 @@ def meta_batch(
     chunk: int = 0,
     denominator: int = 0,
     workers: int = 1,
+    group: int = 1,
 ) -> BatchResult:
     """Run the inner loop of every task; with `weights`, add the meta-gradient of
     sum_b sum_i w_i L_query_i(b) / denominator (default: the batch size, i.e. the mean over
     tasks; the global meta-batch when the tasks are split across processes) to `.grad`.
 
-    The parts (single tasks for the loop, `chunk` tasks vmapped, by default the batch split
-    evenly over the workers) may run on `workers` threads at once; each part's gradient is
+    The parts (`group` tasks for the loop, folded when more than one; `chunk` tasks vmapped, by
+    default the batch split evenly over the workers) may run on `workers` threads at once; each part's gradient is
     taken on its own and they are added to `.grad` in task order, so the result does not depend
     on how many threads ran or which finished first (at a fixed intra-op thread count)."""
     if impl not in ("loop", "vmap", "reference"):
@@ -96,7 +107,7 @@ def meta_batch(
     if impl == "reference":
         return _reference(meta, batch, plan, weights, denominator)
     vmapped = impl == "vmap"
-    step = 1 if not vmapped else (chunk or -(-size // max(1, min(workers, size))))
+    step = group if not vmapped else (chunk or -(-size // max(1, min(workers, size))))
     params = learnable(meta) if weights is not None else []
     grad_enabled = torch.is_grad_enabled()
     # grad mode and autocast are per thread: the task threads take the caller's
@@ -109,7 +120,7 @@ def meta_batch(
               torch.autocast(device, dtype=autocast_dtype, enabled=autocast_on)):
             part = batch.slice(start, min(start + step, size))
             q_losses, q_logits, q_stats, objective = _run(meta, part, plan, weights, vmapped)
-            if not vmapped:
+            if not vmapped and part.size == 1:
                 q_losses, q_logits = q_losses[None], q_logits[None]
                 q_stats = [[(m[None], v[None]) for m, v in s] for s in q_stats]
             grads = None

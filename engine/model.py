@@ -112,6 +112,7 @@ def forward(
     track: bool = False,
     lean_second_order: bool = False,
     stats_out: torch.Tensor | None = None,
+    groups: int = 1,
 ) -> tuple[torch.Tensor, BatchStats]:
     """Logits for images x [n, C, H, W] at inner step `step`.
 
@@ -125,16 +126,20 @@ def forward(
     returned list, so that no tensor created mid-pass outlives it (engine/inner_loop.py, `_Kept`).
     With `lean_second_order`, single-channel images also take the first convolution from
     engine/first_conv.py, whose weight gradient (and its derivative) is a batched matmul.
+    `groups` > 1: x holds that many tasks side by side in its channels, with the weights
+    stacked task-major (engine/grouped.py); the logits are then [groups, n, ways].
     """
     stats: BatchStats = []
     stages = len(bn) // 2
     for i in range(stages):
         pooled = False  # batch_norm_pool took the max-pool too
         weight, bias = adapted[f"conv{i}.weight"], adapted[f"conv{i}.bias"]
-        if i == 0 and lean_second_order and first_conv.applies(x, weight):
+        # folded tasks (groups > 1) take torch's grouped convolution: first_conv measured
+        # no faster there (benchmarks/README.md)
+        if i == 0 and groups == 1 and lean_second_order and first_conv.applies(x, weight):
             x = first_conv.first_conv(x, weight, bias)
         else:
-            x = F.conv2d(x, weight, bias, padding=1)
+            x = F.conv2d(x, weight, bias, padding=1, groups=groups)
         w_bn, b_bn = bn[f"bn{i}.weight"], bn[f"bn{i}.bias"]
         w, b = w_bn[row(step, w_bn.shape[0])], b_bn[row(step, b_bn.shape[0])]
         if running is not None:
@@ -146,7 +151,8 @@ def forward(
             # rather than pay a separate mean/var pass (benchmarks/README.md); running sets
             # want unbiased var
             n = x.numel() // x.shape[1]
-            if lean_second_order and x.is_contiguous() and x.numel() >= FUSED_POOL_MIN:
+            if (lean_second_order and x.is_contiguous()
+                    and x.numel() // groups >= FUSED_POOL_MIN):
                 x, mean, invstd = batch_norm_pool(x, w, b, BN_EPS)
                 pooled = True
             elif lean_second_order:
@@ -165,5 +171,10 @@ def forward(
         # max-pool before LeakyReLU: equal values and gradients (LeakyReLU is increasing, so it
         # keeps each window's first maximum), with the activation on a quarter of the elements
         x = F.leaky_relu(x if pooled else max_pool2x2(x), LEAK)
-    logits = F.linear(x.flatten(1), adapted["linear.weight"], adapted["linear.bias"])
+    w, b = adapted["linear.weight"], adapted["linear.bias"]
+    if groups == 1:
+        return F.linear(x.flatten(1), w, b), stats
+    features = x.reshape(x.shape[0], groups, -1).transpose(0, 1)  # [tasks, n, F]
+    logits = torch.baddbmm(b.view(groups, 1, -1), features,
+                           w.view(groups, -1, w.shape[-1]).transpose(1, 2))
     return logits, stats

@@ -310,7 +310,7 @@ def test_bench_implementation_names():
         with pytest.raises(UserError, match="--impl takes"):
             parse_impls(bad)
     # plain is the per-task loop with none of the speed paths
-    assert IMPLS["plain"] == ["train.impl=loop", "train.task_threads=1",
+    assert IMPLS["plain"] == ["train.impl=loop", "train.task_threads=1", "train.task_group=1",
                               "train.channels_last=never"]
 
 
@@ -323,7 +323,7 @@ def test_bench_pairs_auto_and_plain_in_one_process():
     assert {k: len(v) for k, v in pair["seconds"].items()} == {"auto": 2, "plain": 2}
     # plain is what its overrides say whatever the machine; auto is the engine's resolution
     assert pair["paths"]["plain"] == {"impl": "loop", "precision": "float32", "task_threads": 1,
-                                      "channels_last": [False, False]}
+                                      "task_group": 1, "channels_last": [False, False]}
 
 
 def test_merge_keeps_both_reports_paired_measurements():

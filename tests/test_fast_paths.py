@@ -10,7 +10,13 @@ import pytest
 import torch
 
 from engine.config import resolve
-from engine.fast_paths import SECOND_ORDER_BUDGET, fast_paths, second_order_task_bytes
+from engine.fast_paths import (
+    FOLD_MAX_ELEMENTS,
+    SECOND_ORDER_BUDGET,
+    fast_paths,
+    first_stage_elements,
+    second_order_task_bytes,
+)
 from engine.learner import MetaLearner
 from engine.msl import msl_weights
 from tests.helpers import flat, grads, random_batch, small_config
@@ -143,6 +149,27 @@ def test_auto_resolves_per_device(four_torch_threads):
     cfg.train.task_threads, cfg.train.channels_last, cfg.train.impl = 3, "always", "vmap"
     cpu = fast_paths(cfg, torch.device("cpu"))
     assert (cpu.impl, cpu.task_threads, cpu.layout_for(True)) == ("vmap", 3, (True, True))
+
+
+def test_auto_task_group_folds_small_tasks_on_cpu_only(four_torch_threads):
+    """Auto folds one auto thread's share of the meta-batch where a task's first-stage
+    activations are at most FOLD_MAX_ELEMENTS, whatever train.task_threads says."""
+    small = resolve("omniglot-5w1s")  # 5 x 64 x 28 x 28 first-stage elements
+    assert first_stage_elements(small) == 5 * 64 * 28 * 28 <= FOLD_MAX_ELEMENTS
+    assert fast_paths(small, torch.device("cpu")).task_group == 2  # 8 tasks over 4 threads
+    small.train.task_threads = 1  # explicit threads do not change what is computed
+    assert fast_paths(small, torch.device("cpu")).task_group == 2
+    assert fast_paths(small, torch.device("cuda")).task_group == 1
+    small.train.impl = "reference"
+    assert fast_paths(small, torch.device("cpu")).task_group == 1
+    small.train.impl, small.train.task_group = "loop", 3  # explicit
+    assert fast_paths(small, torch.device("cpu")).task_group == 3
+    for name in ("omniglot-5w5s", "omniglot-20w1s", "omniglot-20w5s", "miniimagenet-5w1s"):
+        cfg = resolve(name)
+        assert first_stage_elements(cfg) > FOLD_MAX_ELEMENTS, name
+        assert fast_paths(cfg, torch.device("cpu")).task_group == 1, name
+    with _torch_threads(1):  # one core: the whole meta-batch in one pass
+        assert fast_paths(resolve("omniglot-5w1s"), torch.device("cpu")).task_group == 8
 
 
 _FAULTS = """

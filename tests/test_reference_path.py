@@ -3,7 +3,8 @@ every fast path, and is itself checked against the independent test implementati
 
 - Every combination of the step's technique switches (MSL, BNRS, BNWB, LSLR, evaluation with
   running sets), first and second order: the per-task loop (plain, and on two task threads
-  channels-last), the fused batch-norm/max-pool passes and vmapped tasks give the reference's
+  channels-last), the fused batch-norm/max-pool passes, tasks folded into the channels and
+  vmapped tasks give the reference's
   losses, logits, meta-gradients, running sets and evaluation logits to float64 rounding.
 - The reference's meta-gradient equals autograd through tests/reference_maml.py (written from
   SPEC.md without engine code) for the same switches.
@@ -32,10 +33,17 @@ COMBOS = [dict(zip(SWITCH_KEYS, values))
           for values in itertools.product((True, False), repeat=len(SWITCH_KEYS))]
 # the fast paths: the default CPU path's pieces taken one at a time
 PATHS = {
-    "loop": ["train.impl=loop", "train.task_threads=1", "train.channels_last=never"],
+    "loop": ["train.impl=loop", "train.task_threads=1", "train.task_group=1",
+             "train.channels_last=never"],
     "loop-2-threads-channels-last": ["train.impl=loop", "train.task_threads=2",
-                                     "train.channels_last=always"],
-    "loop-fused-bn-pool": ["train.impl=loop", "train.task_threads=1"],
+                                     "train.task_group=1", "train.channels_last=always"],
+    "loop-fused-bn-pool": ["train.impl=loop", "train.task_threads=1", "train.task_group=1"],
+    # tasks folded into the channels (engine/grouped.py): parts of 2 and 1 tasks on two
+    # threads, NCHW with fused passes, and all 3 tasks folded channels-last
+    "folded-2-fused-bn-pool": ["train.impl=loop", "train.task_threads=2", "train.task_group=2",
+                               "train.channels_last=never"],
+    "folded-3-channels-last": ["train.impl=loop", "train.task_threads=1", "train.task_group=3",
+                               "train.channels_last=always"],
     "vmap": ["train.impl=vmap", "train.chunk_size=2"],
 }
 TOL = 1e-9
@@ -138,10 +146,14 @@ def test_reference_equals_the_independent_test_implementation(combo, second):
 def test_impl_reference_trains_a_run_and_ends_where_the_default_path_does(tmp_path):
     """A whole run (3 epochs, first then second order, validation, ensemble) with
     `train.impl=reference` against the default CPU path (two task threads, lean batch norm, the
-    engine's max-pool). Both float32 NCHW: torch's channels-last batch norm sums its statistics
-    with a float32 error ~100x NCHW's (test_channels_last_batch_norm_precision), which moves a
-    first step's loss by ~6e-4 and a 12-step trajectory by percents, so the default's
-    channels-last evaluation and first-order layout is left out here."""
+    engine's max-pool). Both float32 NCHW, one task per pass: these paths round alike, so the
+    runs end 1e-5 apart. Any other float32 rounding sends a 12-step trajectory percents away
+    (at some steps either path's float32 meta-gradient is 1e-3 off float64's, and Adam's first
+    steps amplify small gradients' differences), so what rounds otherwise is left out here:
+    torch's channels-last batch norm, whose statistics carry ~100x NCHW's float32 error
+    (test_channels_last_batch_norm_precision), and folded tasks (engine/grouped.py), as precise
+    as the loop but summed in another order. Both are checked step by step in float64
+    (test_fast_paths_equal_the_reference)."""
     finals, logits, ensembles = {}, {}, {}
     for impl in ("reference", "auto"):
         home = tmp_path / impl
@@ -149,7 +161,8 @@ def test_impl_reference_trains_a_run_and_ends_where_the_default_path_does(tmp_pa
         # pytest-xdist the engine processes run one
         threads = "train.task_threads=2" if impl == "auto" else "train.task_threads=0"
         proc = mamlpp(home, "run", "--no-tui", *sets(f"train.impl={impl}",
-                                                      "train.channels_last=never", threads))
+                                                      "train.channels_last=never",
+                                                      "train.task_group=1", threads))
         assert proc.returncode == 0, proc.stderr
         run_id = next((home / "runs").iterdir()).name
         finals[impl] = final_tensors(home, run_id)

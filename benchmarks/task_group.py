@@ -1,0 +1,99 @@
+"""Tasks folded into the channels (engine/grouped.py, `train.task_group`) against one task per
+pass, alternating in one process.
+
+Learners of the same preset, one per variant `GxT` (G tasks folded per pass, T task threads),
+take the same meta-batches round after round in alternating order: a meta-update of the given
+derivative order (MSL phase, every step's loss). Evaluation does not fold tasks. Writes
+results/task-group-DATE.json with every round's seconds and each variant's median per-round
+speed-up over the first.
+
+    python benchmarks/task_group.py --preset omniglot-5w1s --order second --variants 1x2,4x2
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+from dataclasses import replace
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+
+def _measure(preset: str, order: str, variants: list[str], rounds: int) -> dict:
+    from engine.bench import _update, synthetic_dataset
+    from engine.config import resolve
+    from engine.data.sampler import TaskSampler
+    from engine.learner import MetaLearner
+    from engine.msl import msl_weights
+
+    cfg = resolve(preset)
+    d, t = cfg.data, cfg.train
+    weights = msl_weights(0, t.inner_steps, cfg.maml_pp.msl_epochs, cfg.maml_pp.msl)
+    sampler = TaskSampler(synthetic_dataset(cfg), "train", d.ways, d.shots, d.queries, t.seed)
+    learners = {}
+    for v in variants:
+        group, threads = (int(n) for n in v.split("x"))
+        learner = MetaLearner(cfg, "cpu")
+        learner.paths = replace(learner.paths, task_group=group, task_threads=threads,
+                                task_threads_second_order=threads)
+        learners[v] = learner
+    seconds: dict[str, list[float]] = {v: [] for v in variants}
+
+    def step(v, batch, timed=True):
+        t0 = time.perf_counter()
+        _update(learners[v], batch, weights, order == "second")
+        if timed:
+            seconds[v].append(time.perf_counter() - t0)
+
+    warm = sampler.batch(0, t.meta_batch)
+    for v in variants:
+        step(v, warm, False)
+    for r in range(rounds):
+        batch = sampler.batch((r + 1) * t.meta_batch, t.meta_batch)
+        for v in (variants if r % 2 == 0 else variants[::-1]):
+            step(v, batch)
+    base = variants[0]
+    speedup = {v: statistics.median(a / b for a, b in zip(seconds[base], seconds[v]))
+               for v in variants}
+    for v in variants:
+        print(f"{preset} {order} {v}: {statistics.median(seconds[v]):.3f} s, "
+              f"{speedup[v]:.3f}x vs {base}", flush=True)
+    return {"preset": preset, "order": order, "msl_phase": True, "variants": variants,
+            "seconds": seconds, "speedup_median_ratio": speedup}
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--preset", action="append", default=None)
+    parser.add_argument("--order", choices=("first", "second"), action="append",
+                        default=None)
+    parser.add_argument("--variants", default="1x2,4x2",
+                        help="comma-separated GxT: G tasks folded per pass on T task threads; "
+                             "the first is the baseline")
+    parser.add_argument("--rounds", type=int, default=8)
+    parser.add_argument("--out", default=None,
+                        help="result file (default results/task-group-DATE.json)")
+    args = parser.parse_args()
+    from engine.bench import device_info
+
+    variants = args.variants.split(",")
+    runs = [_measure(preset, order, variants, args.rounds)
+            for preset in args.preset or ["omniglot-5w1s"]
+            for order in args.order or ["second"]]
+    path = Path(args.out) if args.out else (
+        ROOT / "benchmarks" / "results" / f"task-group-{time.strftime('%Y-%m-%d')}.json")
+    report = {"schema": "mamlpp-task-group/1", "device": device_info("cpu"), "runs": runs}
+    if path.exists():  # several invocations on one day add up
+        report["runs"] = json.loads(path.read_text())["runs"] + runs
+    path.write_text(json.dumps(report, indent=2) + "\n")
+    print(f"wrote {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
