@@ -33,9 +33,11 @@ def fold_rows(params: Params, groups: int) -> Params:
 def fold_images(x: torch.Tensor) -> torch.Tensor:
     """[G, n, C, H, W] -> [n, G*C, H, W], keeping each task's layout (NCHW or channels-last)."""
     g, n, c, h, w = x.shape
+    folded = x.transpose(0, 1).reshape(n, g * c, h, w)
+    # a reshape may return a view whose strides are neither layout (one channel per task)
     if has_nhwc_strides(x[0]):
-        return x.permute(1, 3, 4, 0, 2).reshape(n, h, w, g * c).permute(0, 3, 1, 2)
-    return x.transpose(0, 1).reshape(n, g * c, h, w)
+        return folded.contiguous(memory_format=torch.channels_last)
+    return folded.contiguous()
 
 
 def fold_batch(batch: TaskBatch) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:

@@ -97,9 +97,10 @@ def meta_batch(
     tasks; the global meta-batch when the tasks are split across processes) to `.grad`.
 
     The parts (`group` tasks for the loop, folded when more than one; `chunk` tasks vmapped, by
-    default the batch split evenly over the workers) may run on `workers` threads at once; each part's gradient is
-    taken on its own and they are added to `.grad` in task order, so the result does not depend
-    on how many threads ran or which finished first (at a fixed intra-op thread count)."""
+    default the batch split evenly over the workers) may run on `workers` threads at once; each
+    part's gradient is taken on its own and they are added to `.grad` in task order, so the
+    result does not depend on how many threads ran or which finished first (at a fixed
+    intra-op thread count)."""
     if impl not in ("loop", "vmap", "reference"):
         raise ValueError(f"meta_batch impl must be loop, vmap or reference, not {impl!r}")
     size = batch.size

@@ -17,8 +17,10 @@ from engine.fast_paths import (
     first_stage_elements,
     second_order_task_bytes,
 )
+from engine.grouped import fold_images
 from engine.learner import MetaLearner
 from engine.msl import msl_weights
+from engine.tasks import TaskBatch, has_nhwc_strides
 from tests.helpers import flat, grads, random_batch, small_config
 
 
@@ -226,3 +228,22 @@ def test_shared_arena_keeps_task_threads_in_the_main_heap():
                                     capture_output=True, text=True).stdout.split()[-1])
            for mode in ("separate", "shared")}
     assert new["shared"] == 0 < new["separate"], new
+
+
+@pytest.mark.parametrize("channels", [1, 3])
+def test_folded_images_keep_the_tasks_layout(channels):
+    """engine/grouped.py: a channels-last batch folds into channels-last images (torch's
+    channels-last kernels run only on those), NCHW into NCHW, and both hold task g's channel c
+    at g * C + c."""
+    gen = torch.Generator().manual_seed(2)
+    x = torch.randn(3, 5, channels, 7, 7, generator=gen)
+    y = torch.zeros(3, 5, dtype=torch.long)
+    batch = TaskBatch(x, y, x, y)
+    for layout, nhwc in ((batch, False), (batch.channels_last(), True)):
+        folded = fold_images(layout.x_support)
+        assert folded.is_contiguous(
+            memory_format=torch.channels_last if nhwc else torch.contiguous_format)
+        assert has_nhwc_strides(folded) == nhwc
+        for t in range(3):
+            for k in range(channels):
+                assert torch.equal(folded[:, t * channels + k], x[t][:, k])
