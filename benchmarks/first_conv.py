@@ -7,6 +7,7 @@ Two learners of the same preset take the same batches round after round, in alte
 Writes results/first-conv-DATE.json with every round's seconds and the median per-round ratio.
 
     python benchmarks/first_conv.py [--preset omniglot-5w1s] [--order second] [--rounds 8]
+        [--out FILE]
 """
 
 from __future__ import annotations
@@ -71,13 +72,16 @@ def main() -> int:
     parser.add_argument("--order", choices=("first", "second", "validation"), action="append",
                         default=None)
     parser.add_argument("--rounds", type=int, default=8)
+    parser.add_argument("--out", type=Path, default=None,
+                        help="result file (default results/first-conv-DATE.json)")
     args = parser.parse_args()
     from engine.bench import device_info, write_report
 
     runs = [_measure(preset, order, args.rounds)
             for preset in args.preset or ["omniglot-5w1s"]
             for order in args.order or ["second"]]
-    path = ROOT / "benchmarks" / "results" / f"first-conv-{time.strftime('%Y-%m-%d')}.json"
+    path = args.out or (ROOT / "benchmarks" / "results"
+                        / f"first-conv-{time.strftime('%Y-%m-%d')}.json")
     write_report({"device": device_info("cpu"), "time": time.strftime("%Y-%m-%dT%H:%M:%S"),
                   "rounds": args.rounds, "runs": runs}, path)
     print(f"wrote {path}")

@@ -134,10 +134,8 @@ def forward(
     for i in range(stages):
         pooled = False  # batch_norm_pool took the max-pool too
         weight, bias = adapted[f"conv{i}.weight"], adapted[f"conv{i}.bias"]
-        # folded tasks (groups > 1) take torch's grouped convolution: first_conv measured
-        # no faster there (benchmarks/README.md)
-        if i == 0 and groups == 1 and lean_second_order and first_conv.applies(x, weight):
-            x = first_conv.first_conv(x, weight, bias)
+        if i == 0 and lean_second_order and first_conv.applies(x, weight, groups):
+            x = first_conv.first_conv(x, weight, bias, groups)
         else:
             x = F.conv2d(x, weight, bias, padding=1, groups=groups)
         w_bn, b_bn = bn[f"bn{i}.weight"], bn[f"bn{i}.bias"]
