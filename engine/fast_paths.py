@@ -12,10 +12,12 @@ the engine's defaults") has the numbers, benchmarks/results/ the reports.
   SECOND_ORDER_BUDGET: for large images a second thread was no faster and held GiBs more.
 - task_group: tasks folded into one pass's channels in training steps (engine/grouped.py), on
   CPU where a task's tensors are small (first-stage activations up to FOLD_MAX_ELEMENTS, i.e.
-  Omniglot 5-way 1-shot): there each op's fixed cost outweighs its arithmetic and folding the
-  tasks a thread adapts into one pass was measured 1.3x faster in second-order steps. Auto
+  Omniglot 5-way 1-shot): there each op's fixed cost outweighs its arithmetic, and folding the
+  tasks a thread adapts into one pass measured 1.37x faster second-order steps and 1.28x
+  first-order ones; larger tasks gained 5-10% for four times the second-order graphs. Auto
   folds the meta-batch's share of one auto task thread, so it depends on the core count, never
-  on an explicit train.task_threads.
+  on an explicit train.task_threads. Evaluation adapts one task per pass (engine/adapt.py
+  promises a task the same logits in any batch).
 - channels_last: on CPU for first-order steps (evaluation, first-order training), where it is
   faster (torch's NCHW max-pool is much slower than its channels-last one on the CPU).
   Second-order support passes stay NCHW: channels-last was slower or no faster there (NCHW
