@@ -508,10 +508,17 @@ class LogPanel(RichLog, Panel):
             return
         for line in view.new_log:
             self.write_line(line)
+        self._follow_tail()
 
     def on_resize(self, event: Resize) -> None:
         """Keep following the tail: a panel that got shorter would otherwise hide the newest
         lines below its old scroll position. (Textual also runs RichLog's own handler.)"""
+        self._follow_tail()
+
+    def _follow_tail(self) -> None:
+        """Scroll to the newest line once the lines written so far are laid out: RichLog's own
+        scroll on write can run before a batch written at start-up (deferred until the panel
+        has a size) is measured, which once left a finished run's last line out of view."""
         if self.auto_scroll:
             self.call_after_refresh(self.scroll_end, animate=False, x_axis=False)
 
