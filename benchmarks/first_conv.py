@@ -24,6 +24,7 @@ sys.path.insert(0, str(ROOT))
 
 def _measure(preset: str, order: str, rounds: int) -> dict:
     import engine.first_conv as fc
+    from benchmarks.alternating import alternate, median_speedup
     from engine.bench import _update, synthetic_dataset
     from engine.config import resolve
     from engine.data.sampler import TaskSampler
@@ -37,29 +38,19 @@ def _measure(preset: str, order: str, rounds: int) -> dict:
     weights = msl_weights(0, t.inner_steps, cfg.maml_pp.msl_epochs, cfg.maml_pp.msl)
     sampler = TaskSampler(synthetic_dataset(cfg), "train", d.ways, d.shots, d.queries, t.seed)
     learners = {"off": MetaLearner(cfg, "cpu"), "on": MetaLearner(cfg, "cpu")}
-    seconds: dict[str, list[float]] = {"off": [], "on": []}
 
-    def step(name, batch, timed=True):
+    def step(name, batch):
         fc.applies = applies if name == "on" else (lambda *a: False)
-        t0 = time.perf_counter()
         if order == "validation":  # evaluate's first-order adaptation of meta_batch tasks
             learners[name].evaluate(batch)
         else:
             _update(learners[name], batch, weights, second)
-        if timed:
-            seconds[name].append(time.perf_counter() - t0)
 
     try:
-        warm = sampler.batch(0, t.meta_batch)
-        step("off", warm, False)
-        step("on", warm, False)
-        for r in range(rounds):
-            batch = sampler.batch((r + 1) * t.meta_batch, t.meta_batch)
-            for name in (("off", "on") if r % 2 == 0 else ("on", "off")):
-                step(name, batch)
+        seconds = alternate(step, ["off", "on"], sampler, t.meta_batch, rounds)
     finally:
         fc.applies = applies
-    ratio = statistics.median(a / b for a, b in zip(seconds["off"], seconds["on"]))
+    ratio = median_speedup(seconds, "off", "on")
     print(f"{preset} {order} order: off {statistics.median(seconds['off']):.3f} s, "
           f"on {statistics.median(seconds['on']):.3f} s, {ratio:.3f}x", flush=True)
     return {"preset": preset, "order": order, "msl_phase": True, "seconds": seconds,

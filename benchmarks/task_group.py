@@ -25,6 +25,7 @@ sys.path.insert(0, str(ROOT))
 
 
 def _measure(preset: str, order: str, variants: list[str], rounds: int) -> dict:
+    from benchmarks.alternating import alternate, median_speedup
     from engine.bench import _update, synthetic_dataset
     from engine.config import resolve
     from engine.data.sampler import TaskSampler
@@ -42,24 +43,13 @@ def _measure(preset: str, order: str, variants: list[str], rounds: int) -> dict:
         learner.paths = replace(learner.paths, task_group=group, task_threads=threads,
                                 task_threads_second_order=threads)
         learners[v] = learner
-    seconds: dict[str, list[float]] = {v: [] for v in variants}
 
-    def step(v, batch, timed=True):
-        t0 = time.perf_counter()
+    def step(v, batch):
         _update(learners[v], batch, weights, order == "second")
-        if timed:
-            seconds[v].append(time.perf_counter() - t0)
 
-    warm = sampler.batch(0, t.meta_batch)
-    for v in variants:
-        step(v, warm, False)
-    for r in range(rounds):
-        batch = sampler.batch((r + 1) * t.meta_batch, t.meta_batch)
-        for v in (variants if r % 2 == 0 else variants[::-1]):
-            step(v, batch)
+    seconds = alternate(step, variants, sampler, t.meta_batch, rounds)
     base = variants[0]
-    speedup = {v: statistics.median(a / b for a, b in zip(seconds[base], seconds[v]))
-               for v in variants}
+    speedup = {v: median_speedup(seconds, base, v) for v in variants}
     for v in variants:
         print(f"{preset} {order} {v}: {statistics.median(seconds[v]):.3f} s, "
               f"{speedup[v]:.3f}x vs {base}", flush=True)
@@ -79,7 +69,7 @@ def main() -> int:
     parser.add_argument("--out", default=None,
                         help="result file (default results/task-group-DATE.json)")
     args = parser.parse_args()
-    from engine.bench import device_info
+    from engine.bench import device_info, write_report
 
     variants = args.variants.split(",")
     runs = [_measure(preset, order, variants, args.rounds)
@@ -90,7 +80,7 @@ def main() -> int:
     report = {"schema": "mamlpp-task-group/1", "device": device_info("cpu"), "runs": runs}
     if path.exists():  # several invocations on one day add up
         report["runs"] = json.loads(path.read_text())["runs"] + runs
-    path.write_text(json.dumps(report, indent=2) + "\n")
+    write_report(report, path)
     print(f"wrote {path}")
     return 0
 

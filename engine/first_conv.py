@@ -35,16 +35,12 @@ def weight_grad(x: torch.Tensor, g: torch.Tensor, groups: int = 1) -> torch.Tens
     the output gradient g [N, O, H, W] times the input patch at that position; with `groups`,
     one input channel per group and each group's weights from its own output channels."""
     n, o = g.shape[0], g.shape[1] // groups
-    cols = F.unfold(x, 3, padding=1)  # [N, C*9, H*W], a group's 9 rows together
-    if groups > 1:
-        g = g.contiguous()
-        gw = torch.bmm(g.view(n * groups, o, -1), cols.view(n * groups, 9, -1).transpose(1, 2))
-        return gw.view(n, groups * o, 9).sum(0).view(groups * o, 1, 3, 3)
-    if has_nhwc_strides(g):  # then [N, H*W, O] is a view
+    cols = F.unfold(x, 3, padding=1)  # [N, G*9, H*W], a group's 9 rows together
+    if groups == 1 and has_nhwc_strides(g):  # then [N, H*W, O] is a view
         gw = torch.bmm(cols, g.permute(0, 2, 3, 1).reshape(n, -1, o)).sum(0).t()
-    else:
-        gw = torch.bmm(g.reshape(n, o, -1), cols.transpose(1, 2)).sum(0)
-    return gw.reshape(o, x.shape[1], 3, 3)
+        return gw.reshape(o, 1, 3, 3)
+    gw = torch.bmm(g.reshape(n * groups, o, -1), cols.view(n * groups, 9, -1).transpose(1, 2))
+    return gw.view(n, groups * o, 9).sum(0).view(groups * o, 1, 3, 3)
 
 
 class _FirstConv(torch.autograd.Function):
