@@ -81,6 +81,21 @@ def learnable(meta: MetaParams) -> list[torch.Tensor]:
     return [v for d in (meta.adapted, meta.bn, meta.lrs) for v in d.values() if v.requires_grad]
 
 
+def _aliased(meta: MetaParams) -> MetaParams:
+    """The learnable tensors as views made on the calling thread, for the task threads to use
+    (and differentiate by) instead of the leaves themselves.
+
+    Rule: a task thread never touches a leaf that requires grad. Torch finds (or first makes) a
+    leaf's gradient accumulator under a per-tensor mutex and, inside it, takes the GIL to count a
+    reference to the tensor's Python object; an autograd.Function's `apply` (engine/first_conv.py,
+    batch_norm.py, max_pool.py) holds the GIL while it waits for that mutex. Two threads doing
+    both on the same leaf deadlock (a test run hung in `fold_params`'s repeat against
+    `first_conv`'s apply). A view's graph edge is its own node, reached without that mutex."""
+    def alias(params: Params) -> Params:
+        return {k: v.view_as(v) if v.requires_grad else v for k, v in params.items()}
+    return replace(meta, adapted=alias(meta.adapted), bn=alias(meta.bn), lrs=alias(meta.lrs))
+
+
 def meta_batch(
     meta: MetaParams,
     batch: TaskBatch,
@@ -110,6 +125,8 @@ def meta_batch(
     vmapped = impl == "vmap"
     step = group if not vmapped else (chunk or -(-size // max(1, min(workers, size))))
     params = learnable(meta) if weights is not None else []
+    shared = _aliased(meta)
+    inputs = learnable(shared) if weights is not None else []
     grad_enabled = torch.is_grad_enabled()
     # grad mode and autocast are per thread: the task threads take the caller's
     device = batch.x_support.device.type
@@ -120,13 +137,13 @@ def meta_batch(
         with (torch.set_grad_enabled(grad_enabled),
               torch.autocast(device, dtype=autocast_dtype, enabled=autocast_on)):
             part = batch.slice(start, min(start + step, size))
-            q_losses, q_logits, q_stats, objective = _run(meta, part, plan, weights, vmapped)
+            q_losses, q_logits, q_stats, objective = _run(shared, part, plan, weights, vmapped)
             if not vmapped and part.size == 1:
                 q_losses, q_logits = q_losses[None], q_logits[None]
                 q_stats = [[(m[None], v[None]) for m, v in s] for s in q_stats]
             grads = None
             if weights is not None:
-                grads = torch.autograd.grad(objective.sum() / denominator, params,
+                grads = torch.autograd.grad(objective.sum() / denominator, inputs,
                                             allow_unused=True)
             stats = [_unbatch(q_stats, b) for b in range(part.size)] if plan.track_stats else []
             return q_losses.detach(), q_logits.detach(), stats, grads

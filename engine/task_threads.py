@@ -5,7 +5,9 @@ on few-shot shapes are too small for torch's intra-op threads to pay: two cores 
 each, one thread per op, beat two threads per op (benchmarks/results/cpu-threads-*.json), and
 they degrade gracefully when another process takes a core. Torch ops release the GIL, so plain
 Python threads suffice. The intra-op thread count is process-wide in torch, so it is lowered for
-the duration and restored after.
+the duration and restored after. A task thread never touches a leaf tensor that requires grad
+(meta_batch gives them views made on the calling thread: engine/meta_batch.py `_aliased`
+explains the deadlock this avoids).
 
 Every other thread the engine starts that runs torch ops (the data prefetcher) runs them on one
 intra-op thread (`start_worker_thread`). Why: with OpenMP (libgomp, torch's CPU builds) each
