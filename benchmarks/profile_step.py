@@ -1,0 +1,131 @@
+"""Where a second-order meta-update's time goes, per preset: torch.profiler's self CPU time of
+one step on one thread (the default path otherwise: tasks folded where the engine folds them),
+grouped by kind of op, with the convolutions' rate from their FLOPs (torch's FlopCounter, tasks
+counted unfolded, engine/bench.py) over their time.
+
+This is issue 20's "profile of what remains": next to the roofline (`speed_table.py`) it shows
+how much of a step is convolution arithmetic already near one core's matmul rate, and how much
+is the rest (batch norm, pooling, copies, element-wise work) that a faster engine could cut.
+Synthetic images of each preset's shape; MSL phase (every step's loss). Writes
+results/profile-step-DATE.json.
+
+    python benchmarks/profile_step.py --preset omniglot-5w1s --preset omniglot-20w1s
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from collections import defaultdict
+from dataclasses import replace
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+PAPER_PRESETS = ["omniglot-5w1s", "omniglot-5w5s", "omniglot-20w1s", "omniglot-20w5s",
+                 "miniimagenet-5w1s", "miniimagenet-5w5s"]
+# op name fragments -> kind, first match wins (aten names as the profiler reports them)
+KINDS = [
+    ("convolution", ("convolution", "conv2d", "mkldnn_conv", "_slow_conv", "thnn_conv")),
+    ("matmul (first conv, classifier)", ("aten::mm", "aten::bmm", "aten::addmm", "matmul",
+                                         "aten::linear", "im2col", "unfold")),
+    ("batch norm", ("batch_norm",)),
+    ("max-pool", ("max_pool", "scatter", "gather")),
+    ("copies and layout", ("copy_", "clone", "contiguous", "_to_copy", "aten::to", "aten::cat",
+                           "aten::stack", "repeat", "index", "aten::t", "transpose",
+                           "permute", "view", "reshape", "expand", "slice", "select")),
+    ("fills and allocation", ("empty", "zeros", "ones", "fill_", "zero_", "resize_", "full")),
+    ("optimizer (Adam)", ("_foreach", "adam")),
+]
+OTHER = "element-wise and reductions"
+
+
+def kind_of(name: str) -> str:
+    for kind, fragments in KINDS:
+        if any(f in name for f in fragments):
+            return kind
+    return OTHER
+
+
+def _profile(preset: str, steps: int) -> dict:
+    from torch.profiler import ProfilerActivity, profile
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from engine.bench import _one_task_thread, _update, synthetic_dataset
+    from engine.config import resolve
+    from engine.data.sampler import TaskSampler
+    from engine.learner import MetaLearner
+    from engine.msl import msl_weights
+
+    cfg = resolve(preset)
+    d, t = cfg.data, cfg.train
+    weights = msl_weights(0, t.inner_steps, cfg.maml_pp.msl_epochs, cfg.maml_pp.msl)
+    sampler = TaskSampler(synthetic_dataset(cfg), "train", d.ways, d.shots, d.queries, t.seed)
+    learner = MetaLearner(cfg, "cpu")
+    learner.paths = replace(learner.paths, task_threads=1, task_threads_second_order=1)
+    batches = [sampler.batch(i * t.meta_batch, t.meta_batch) for i in range(steps + 1)]
+    _update(learner, batches[0], weights, True)  # warm-up: allocator, first-call setup
+    counter = FlopCounterMode(display=False)
+    with _one_task_thread(learner), counter:  # tasks counted unfolded (engine/bench.py)
+        _update(learner, batches[0], weights, True)
+    by_op = counter.get_flop_counts().get("Global", {})
+    conv_flops = sum(int(v) for k, v in by_op.items() if "convolution" in str(k))
+    total_flops = sum(int(v) for v in by_op.values())
+    start = time.perf_counter()
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        for batch in batches[1:]:
+            _update(learner, batch, weights, True)
+    wall = (time.perf_counter() - start) / steps
+    self_us: dict[str, float] = defaultdict(float)
+    for event in prof.key_averages():
+        self_us[event.key] += event.self_cpu_time_total
+    total_us = sum(self_us.values())
+    kinds: dict[str, float] = defaultdict(float)
+    for name, us in self_us.items():
+        kinds[kind_of(name)] += us
+    conv_s = kinds["convolution"] / 1e6 / steps
+    top = sorted(self_us.items(), key=lambda kv: -kv[1])[:15]
+    result = {
+        "preset": preset, "order": "second", "msl_phase": True, "steps_profiled": steps,
+        "task_group": learner.paths.task_group, "threads": 1,
+        "step_s_under_profiler": round(wall, 4),
+        "gflop_per_step": round(total_flops / 1e9, 2),
+        "conv_gflop_per_step": round(conv_flops / 1e9, 2),
+        "conv_gflop_per_s": round(conv_flops / 1e9 / conv_s, 1) if conv_s else None,
+        "share_by_kind": {k: round(v / total_us, 4)
+                          for k, v in sorted(kinds.items(), key=lambda kv: -kv[1])},
+        "top_ops": [{"op": k, "share": round(v / total_us, 4)} for k, v in top],
+    }
+    shares = ", ".join(f"{k} {v:.0%}" for k, v in result["share_by_kind"].items())
+    print(f"{preset}: {wall:.2f} s/step on one thread (profiled), convolutions "
+          f"{result['conv_gflop_per_s']} GFLOP/s; {shares}", flush=True)
+    return result
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--preset", action="append", default=None,
+                        help="repeatable; default: the six paper presets")
+    parser.add_argument("--steps", type=int, default=2, help="steps profiled per preset")
+    parser.add_argument("--out", default=None,
+                        help="result file (default results/profile-step-DATE.json)")
+    args = parser.parse_args()
+    import torch
+
+    from engine.bench import device_info, matmul_throughput, write_report
+
+    torch.set_num_threads(1)
+    runs = [_profile(p, args.steps) for p in args.preset or PAPER_PRESETS]
+    path = Path(args.out) if args.out else (
+        ROOT / "benchmarks" / "results" / f"profile-step-{time.strftime('%Y-%m-%d')}.json")
+    report = {"schema": "mamlpp-profile-step/1", "device": device_info("cpu"),
+              "matmul_one_thread": matmul_throughput("cpu"), "runs": runs}
+    write_report(report, path)
+    print(f"wrote {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
