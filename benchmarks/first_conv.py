@@ -27,16 +27,16 @@ def _measure(preset: str, order: str, rounds: int) -> dict:
     from benchmarks.alternating import alternate, median_speedup
     from engine.bench import _update, synthetic_dataset
     from engine.config import resolve
-    from engine.data.sampler import TaskSampler
+    from engine.data.sampler import sampler_for
     from engine.learner import MetaLearner
     from engine.msl import msl_weights
 
     applies = fc.applies
     cfg = resolve(preset)
-    d, t = cfg.data, cfg.train
+    t = cfg.train
     second = order == "second"
     weights = msl_weights(0, t.inner_steps, cfg.maml_pp.msl_epochs, cfg.maml_pp.msl)
-    sampler = TaskSampler(synthetic_dataset(cfg), "train", d.ways, d.shots, d.queries, t.seed)
+    sampler = sampler_for(cfg, "train", synthetic_dataset(cfg))
     learners = {"off": MetaLearner(cfg, "cpu"), "on": MetaLearner(cfg, "cpu")}
 
     def step(name, batch):

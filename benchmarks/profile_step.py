@@ -55,14 +55,14 @@ def _profile(preset: str, steps: int) -> dict:
 
     from engine.bench import _one_task_thread, _update, synthetic_dataset
     from engine.config import resolve
-    from engine.data.sampler import TaskSampler
+    from engine.data.sampler import sampler_for
     from engine.learner import MetaLearner
     from engine.msl import msl_weights
 
     cfg = resolve(preset)
-    d, t = cfg.data, cfg.train
+    t = cfg.train
     weights = msl_weights(0, t.inner_steps, cfg.maml_pp.msl_epochs, cfg.maml_pp.msl)
-    sampler = TaskSampler(synthetic_dataset(cfg), "train", d.ways, d.shots, d.queries, t.seed)
+    sampler = sampler_for(cfg, "train", synthetic_dataset(cfg))
     learner = MetaLearner(cfg, "cpu")
     learner.paths = replace(learner.paths, task_threads=1, task_threads_second_order=1)
     batches = [sampler.batch(i * t.meta_batch, t.meta_batch) for i in range(steps + 1)]

@@ -28,14 +28,14 @@ def _measure(preset: str, order: str, variants: list[str], rounds: int) -> dict:
     from benchmarks.alternating import alternate, median_speedup
     from engine.bench import _update, synthetic_dataset
     from engine.config import resolve
-    from engine.data.sampler import TaskSampler
+    from engine.data.sampler import sampler_for
     from engine.learner import MetaLearner
     from engine.msl import msl_weights
 
     cfg = resolve(preset)
-    d, t = cfg.data, cfg.train
+    t = cfg.train
     weights = msl_weights(0, t.inner_steps, cfg.maml_pp.msl_epochs, cfg.maml_pp.msl)
-    sampler = TaskSampler(synthetic_dataset(cfg), "train", d.ways, d.shots, d.queries, t.seed)
+    sampler = sampler_for(cfg, "train", synthetic_dataset(cfg))
     learners = {}
     for v in variants:
         group, threads = (int(n) for n in v.split("x"))
