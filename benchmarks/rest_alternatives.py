@@ -20,10 +20,10 @@ be cut with torch's own kernels:
 - every op's memory floor: the bytes it must read and write at the copy bandwidth measured in
   the same process (a preallocated copy_).
 
-Each alternative is checked equal to the engine's result (float64, to rounding) before it is
-timed; best of 5 repeats. And a whole step with every pass channels-last (`train.channels_last =
-always`) against the default, alternating (`--step-rounds`). Writes
-results/rest-alternatives-DATE.json.
+Each alternative is checked against the engine's result before it is timed (the pool's
+values and gradient exactly, batch norm in float64 to 1e-9); best of 5 repeats. And a whole
+step with every pass channels-last (`train.channels_last = always`) against the default,
+alternating (`--step-rounds`). Writes results/rest-alternatives-DATE.json.
 
     python benchmarks/rest_alternatives.py [--step-rounds 6]
 """
