@@ -25,7 +25,7 @@ from __future__ import annotations
 import torch
 from torch.autograd.function import once_differentiable
 
-from engine import max_pool
+from engine import fused_cpu, max_pool
 
 
 def _channel(t: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
@@ -40,17 +40,20 @@ def _sum(t: torch.Tensor) -> torch.Tensor:
 class _BatchNormBackward(torch.autograd.Function):
     """(gx, gw, gb) of training-mode batch norm, with the closed-form derivatives above. With
     `codes`, `g` is the gradient of the 2x2 max-pool of the output (engine/max_pool.py) and gy
-    its scatter, rebuilt when needed rather than kept."""
+    its scatter, rebuilt when needed rather than kept. `compiled`: the first derivative from
+    engine/fused_cpu.py (with codes only); the second is this module's either way."""
 
     @staticmethod
-    def forward(g, x, w, mean, invstd, eps, codes=None):
+    def forward(g, x, w, mean, invstd, eps, codes=None, compiled=False):
+        if compiled:
+            return fused_cpu.backward(g, x, w, mean, invstd, codes)
         gy = g if codes is None else max_pool.scatter(g, codes, x.shape, x.dtype)
         return torch.ops.aten.native_batch_norm_backward(
             gy, x, w, None, None, mean, invstd, True, eps, [True, True, True])
 
     @staticmethod
     def setup_context(ctx, inputs, output) -> None:
-        g, x, w, mean, invstd, eps, codes = inputs
+        g, x, w, mean, invstd, eps, codes, _ = inputs
         _, gw, gb = output
         ctx.eps = eps
         ctx.set_materialize_grads(False)
@@ -97,7 +100,7 @@ class _BatchNormBackward(torch.autograd.Function):
             d_x.add_(_channel(d0, x))
         if codes is not None and d_gy is not None:
             d_gy = max_pool.gather(d_gy, codes)
-        return d_gy, d_x, d_w, None, None, None, None
+        return d_gy, d_x, d_w, None, None, None, None, None
 
 
 class _BatchNormTrain(torch.autograd.Function):
@@ -124,34 +127,41 @@ class _BatchNormPool(torch.autograd.Function):
     """Batch norm and the 2x2 max-pool after it as one node, so that its backward takes the
     pooled gradient: a second-order graph then keeps that (a quarter of the elements) and the
     pool's one-byte offsets instead of the full-size gradient at the batch-norm output (34 of a
-    miniimagenet-5w5s task's 170 MB per inner step)."""
+    miniimagenet-5w5s task's 170 MB per inner step). `compiled`: forward and first backward
+    from engine/fused_cpu.py."""
 
     @staticmethod
-    def forward(x, w, b, eps):
+    def forward(x, w, b, eps, compiled=False):
+        if compiled:
+            return fused_cpu.forward(x, w, b, eps)
         y, mean, invstd = torch.native_batch_norm(x, w, b, None, None, True, 0.0, eps)
         out, codes = max_pool.pool(y, "codes")
         return out, mean, invstd, codes
 
     @staticmethod
     def setup_context(ctx, inputs, output) -> None:
-        x, w, _, eps = inputs
+        x, w, _, eps, compiled = inputs
         _, mean, invstd, codes = output
-        ctx.eps = eps
+        ctx.eps, ctx.compiled = eps, compiled
         ctx.mark_non_differentiable(mean, invstd, codes)
         ctx.save_for_backward(x, w, mean, invstd, codes)
 
     @staticmethod
     def backward(ctx, g, _mean, _invstd, _codes):
         x, w, mean, invstd, codes = ctx.saved_tensors
-        gx, gw, gb = _BatchNormBackward.apply(g, x, w, mean, invstd, ctx.eps, codes)
-        return gx, gw, gb, None
+        gx, gw, gb = _BatchNormBackward.apply(g, x, w, mean, invstd, ctx.eps, codes,
+                                              ctx.compiled)
+        return gx, gw, gb, None, None
 
 
 def batch_norm_pool(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor,
-                    eps: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                    eps: float, compiled: bool = False
+                    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """`batch_norm_train` followed by F.max_pool2d(y, 2), for NCHW-contiguous x: (pooled y,
-    batch mean, batch invstd), with graphs that keep a quarter of what the two apart keep."""
-    out, mean, invstd, _ = _BatchNormPool.apply(x, weight, bias, eps)
+    batch mean, batch invstd), with graphs that keep a quarter of what the two apart keep.
+    `compiled` (where engine/fused_cpu.py `applies`): its fused kernels compute the forward and
+    first backward."""
+    out, mean, invstd, _ = _BatchNormPool.apply(x, weight, bias, eps, compiled)
     return out, mean, invstd
 
 

@@ -26,6 +26,13 @@ the engine's defaults") has the numbers, benchmarks/results/ the reports.
   Off on CUDA until measured there (run_gpu.sh does).
 - shared_arena: on CPU for images over SMALL_IMAGE px: task threads then reuse the training
   heap instead of each keeping an arena of its own (engine/allocator.py).
+- fused_kernels: on CPU, batch norm and the max-pool of float32 NCHW training passes as the
+  compiled kernels of engine/fused_cpu.py where a C++ toolchain can build them (second-order
+  steps: the support passes and, on mini-ImageNet and one task per thread, the query passes).
+  Their forward was 3-7x and backward 1.3-2.7x faster than torch's ops; second-order steps
+  1.10-1.23x on mini-ImageNet, 1.04-1.07x on omniglot-20w1s and 5w5s, 0.97-1.03x on
+  omniglot-5w1s (benchmarks/fused_kernels.py). Not in evaluation, whose passes are
+  channels-last on CPU and whose logits engine/adapt.py reproduces.
 - precision: float32 on CPU (bf16 autocast wrecked second-order gradients there); on CUDA "tf32"
   (TF32 convs are torch's own default; this extends it to matmuls) until run_gpu.sh says more.
 """
@@ -38,6 +45,7 @@ from dataclasses import asdict, dataclass
 import torch
 
 from engine.config import Config
+from engine.fused_cpu import toolchain
 from engine.task_threads import auto_workers
 
 # Bytes of second-order graphs that auto task threads may hold at once, and the size of one,
@@ -69,6 +77,7 @@ class FastPaths:
     precision: str  # float32 | tf32 | bf16
     shared_arena: bool = False  # CPU threads share glibc's main arena (engine/allocator.py)
     task_group: int = 1  # tasks folded into one pass in training steps (engine/grouped.py)
+    fused_kernels: bool = False  # engine/fused_cpu.py in training passes it takes
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -128,6 +137,8 @@ def fast_paths(config: Config, device: torch.device) -> FastPaths:
         shared_arena=cpu and not small,
         task_group=t.task_group or (_auto_group(config, workers, fits // auto_second)
                                     if cpu and impl == "loop" else 1),
+        fused_kernels=t.fused_kernels == "on" or (
+            t.fused_kernels == "auto" and cpu and impl == "loop" and toolchain() is None),
     )
 
 

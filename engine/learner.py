@@ -14,10 +14,11 @@ query losses; `outer_step` clamps, checks and applies one Adam update.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
+from engine import fused_cpu
 from engine.allocator import retain_freed_memory
 from engine.bn_running import fold_meta_batch, init_running_stats
 from engine.config import Config
@@ -75,6 +76,8 @@ class MetaLearner:
         self.dtype = dtype
         self.spec = NetSpec.from_config(config)
         self.paths = fast_paths(config, self.device)
+        if self.paths.fused_kernels and fused_cpu.load(config.train.fused_kernels == "on") is None:
+            self.paths = replace(self.paths, fused_kernels=False)  # auto, and the build failed
         self.paths.apply_global(self.device)
         self.impl = self.paths.impl
         if self.device.type == "cpu":
@@ -136,7 +139,8 @@ class MetaLearner:
         per-task losses, accuracies and BN statistics come back summed/gathered over ranks, so
         every rank holds the whole meta-batch's results."""
         loss_steps = tuple(i for i, w in enumerate(weights) if w > 0)
-        plan = InnerPlan(self.config.train.inner_steps, loss_steps, second_order, track_stats=True)
+        plan = InnerPlan(self.config.train.inner_steps, loss_steps, second_order, track_stats=True,
+                         fused=self.paths.fused_kernels)
         w = torch.tensor([weights[i] for i in loss_steps], device=self.device, dtype=self.dtype)
         self.optimizer.zero_grad(set_to_none=True)
         batch = self._place(batch, second_order)

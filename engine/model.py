@@ -17,7 +17,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from engine import first_conv
+from engine import first_conv, fused_cpu
 from engine.batch_norm import batch_norm_pool, batch_norm_train
 from engine.config import Config
 from engine.max_pool import max_pool2x2
@@ -113,6 +113,7 @@ def forward(
     lean_second_order: bool = False,
     stats_out: torch.Tensor | None = None,
     groups: int = 1,
+    fused: bool = False,
 ) -> tuple[torch.Tensor, BatchStats]:
     """Logits for images x [n, C, H, W] at inner step `step`.
 
@@ -128,6 +129,8 @@ def forward(
     engine/first_conv.py, whose weight gradient (and its derivative) is a batched matmul.
     `groups` > 1: x holds that many tasks side by side in its channels, with the weights
     stacked task-major (engine/grouped.py); the logits are then [groups, n, ways].
+    `fused` (plain autograd only): batch norm and the max-pool of the passes that
+    engine/fused_cpu.py's compiled kernels take (float32 NCHW on the CPU) run as those.
     """
     stats: BatchStats = []
     stages = len(bn) // 2
@@ -144,14 +147,15 @@ def forward(
             mean, var = running[f"bn{i}.running_mean"], running[f"bn{i}.running_var"]
             r = row(step, mean.shape[0])
             x = F.batch_norm(x, mean[r], var[r], w, b, training=False, eps=BN_EPS)
-        elif track or lean_second_order:
+        elif track or lean_second_order or fused:
             # batch norm computes the batch mean and 1/sqrt(var + eps) anyway: reuse them
             # rather than pay a separate mean/var pass (benchmarks/README.md); running sets
             # want unbiased var
             n = x.numel() // x.shape[1]
-            if (lean_second_order and x.is_contiguous()
-                    and x.numel() // groups >= FUSED_POOL_MIN):
-                x, mean, invstd = batch_norm_pool(x, w, b, BN_EPS)
+            compiled = fused and fused_cpu.applies(x)
+            if compiled or (lean_second_order and x.is_contiguous()
+                            and x.numel() // groups >= FUSED_POOL_MIN):
+                x, mean, invstd = batch_norm_pool(x, w, b, BN_EPS, compiled)
                 pooled = True
             elif lean_second_order:
                 x, mean, invstd = batch_norm_train(x, w, b, BN_EPS)

@@ -5,6 +5,10 @@ tests start), so two workers on two cores do not oversubscribe them: with the de
 thread per core each, OpenMP spin-waiting made the suite several times slower.
 
 A hung test ends its process after HUNG_AFTER_S with every thread's stack in the run's summary.
+
+The compiled CPU kernels (engine/fused_cpu.py) are built once, before any test, where a
+toolchain can: otherwise the first test or `mamlpp` process to need them would spend a minute
+building inside its own time limit.
 """
 
 import faulthandler
@@ -44,6 +48,14 @@ def _hung_test_watchdog(request: pytest.FixtureRequest):
         yield
         faulthandler.cancel_dump_traceback_later()
     path.unlink()
+
+
+def pytest_configure(config) -> None:
+    if _CONTROLLER:
+        from engine import fused_cpu
+
+        if fused_cpu.toolchain() is None:
+            fused_cpu.load()
 
 
 def pytest_terminal_summary(terminalreporter) -> None:

@@ -1,0 +1,140 @@
+"""The compiled CPU kernels (engine/fused_cpu.py: batch norm fused with the max-pool after it)
+against torch's ops, one op at a time on one thread and in whole second-order steps.
+
+Issue 20's remaining gap is the memory-bound rest of a step (`rest_alternatives.py`: torch's
+batch norm and max-pool run 2.5-6x their memory floor and no formulation in torch ops is
+faster). This measures what the fused kernels gain: per op at the presets' largest NCHW shapes
+(checked against torch's first), and per step with `train.fused_kernels` off and on, alternating
+on the same meta-batches, on each preset given. Needs a C++ compiler and ninja (the kernels are
+built once per torch version). Writes results/fused-kernels-DATE.json.
+
+    python benchmarks/fused_kernels.py [--preset miniimagenet-5w1s ...] [--rounds 4]
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+SHAPES = [(5, 256, 28, 28), (25, 64, 28, 28), (100, 64, 28, 28), (75, 48, 84, 84),
+          (75, 48, 42, 42)]
+EPS = 1e-5
+
+
+def build():
+    from engine import fused_cpu
+
+    ext = fused_cpu.load(required=True)
+    return ext
+
+
+def _best_ms(f, repeats: int = 5) -> float:
+    f()
+    best = float("inf")
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        for _ in range(3):
+            f()
+        best = min(best, (time.perf_counter() - t0) / 3)
+    return round(best * 1e3, 3)
+
+
+def _ops(ext) -> list[dict]:
+    from engine.batch_norm import _BatchNormBackward, _BatchNormPool
+
+    def engine_forward(x, w, b):
+        return _BatchNormPool.forward(x, w, b, EPS)
+
+    rows = []
+    for shape in SHAPES:
+        rows.append(_op_row(ext, shape, engine_forward, _BatchNormBackward.forward))
+        f, bk = rows[-1]["forward_ms"], rows[-1]["backward_ms"]
+        print(f"{list(shape)}: forward {f['engine']} -> {f['fused']} ms, backward "
+              f"{bk['engine']} -> {bk['fused']} ms", flush=True)
+    return rows
+
+
+def _op_row(ext, shape, engine_forward, engine_backward) -> dict:
+    import torch
+
+    x = torch.randn(shape) * 2 + 1
+    w, b = torch.rand(shape[1]) + 0.5, torch.rand(shape[1])
+    want = engine_forward(x, w, b)
+    got = ext.bn_pool_forward(x, w, b, EPS)
+    codes_differ = (want[3] != got[3]).float().mean().item()
+    assert torch.allclose(got[0], want[0], rtol=1e-5, atol=1e-5) and codes_differ < 1e-4
+    args = (torch.randn_like(want[0]), x, w, want[1], want[2], want[3])
+    for a, r in zip(ext.bn_pool_backward(*args), engine_backward(*args[:5], EPS, want[3])):
+        assert torch.allclose(a, r, rtol=1e-4, atol=1e-4 * r.abs().max().item())
+    return {"shape": list(shape), "codes_differing": codes_differ,
+            "forward_ms": {"engine": _best_ms(lambda: engine_forward(x, w, b)),
+                           "fused": _best_ms(lambda: ext.bn_pool_forward(x, w, b, EPS))},
+            "backward_ms": {"engine": _best_ms(lambda: engine_backward(*args[:5], EPS, want[3])),
+                            "fused": _best_ms(lambda: ext.bn_pool_backward(*args))}}
+
+
+def _steps(preset: str, rounds: int) -> dict:
+    from benchmarks.alternating import alternate, median_speedup
+    from engine.bench import synthetic_dataset
+    from engine.config import resolve
+    from engine.data.sampler import sampler_for
+    from engine.learner import MetaLearner
+    from engine.msl import msl_weights
+    from engine.schedule import meta_lr
+
+    configs = {k: resolve(preset, overrides=[f"train.fused_kernels={k}"]) for k in ("off", "on")}
+    cfg = configs["off"]
+    t = cfg.train
+    weights = msl_weights(0, t.inner_steps, cfg.maml_pp.msl_epochs, cfg.maml_pp.msl)
+    sampler = sampler_for(cfg, "train", synthetic_dataset(cfg))
+    learners = {k: MetaLearner(c, "cpu") for k, c in configs.items()}
+    losses: dict[str, list[float]] = {name: [] for name in learners}
+
+    def step(name, batch):
+        metrics = learners[name].update(batch, weights, True, meta_lr(0, cfg))
+        losses[name].append(metrics.loss)
+
+    seconds = alternate(step, list(learners), sampler, t.meta_batch, rounds)
+    ratio = median_speedup(seconds, "off", "on")
+    print(f"{preset} second order: off {statistics.median(seconds['off']):.3f} s, on "
+          f"{statistics.median(seconds['on']):.3f} s, {ratio:.3f}x", flush=True)
+    return {"preset": preset, "order": "second", "msl_phase": True,
+            "paths": {k: v.paths.to_dict() for k, v in learners.items()}, "seconds": seconds,
+            "losses": losses, "speedup_median_ratio": ratio}
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--preset", action="append", default=None)
+    parser.add_argument("--rounds", type=int, default=4)
+    parser.add_argument("--out", default=None)
+    args = parser.parse_args()
+    import torch
+
+    from engine.allocator import retain_freed_memory
+    from engine.bench import device_info, write_report
+
+    retain_freed_memory()
+    ext = build()
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    ops = _ops(ext)
+    torch.set_num_threads(threads)
+    steps = [_steps(p, args.rounds)
+             for p in args.preset or ["omniglot-5w1s", "miniimagenet-5w1s", "miniimagenet-5w5s"]]
+    path = Path(args.out) if args.out else (
+        ROOT / "benchmarks" / "results" / f"fused-kernels-{time.strftime('%Y-%m-%d')}.json")
+    write_report({"schema": "mamlpp-fused-kernels/1", "device": device_info("cpu"),
+                  "ops_one_thread": ops, "steps": steps}, path)
+    print(f"wrote {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

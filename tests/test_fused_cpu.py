@@ -1,0 +1,149 @@
+"""engine/fused_cpu.py: batch norm fused with the 2x2 max-pool as compiled CPU kernels.
+
+The kernels are float32 only, so they are checked against float64 computations by torch's own
+batch norm and max-pool: the op's values, codes (the window each maximum came from) and
+gradients, and a whole second-order meta-gradient of the learner against the float64 one,
+within 3x of the engine's float32 path without the kernels. Also: results do not depend on
+the task-thread count, and `auto` falls back to torch's ops where the kernels cannot be built.
+Skipped where no C++ toolchain can build them."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from engine import fused_cpu
+from engine.errors import UserError
+from engine.learner import MetaLearner
+from engine.msl import msl_weights
+from tests.helpers import grads, random_batch, small_config
+
+needs_kernels = pytest.mark.skipif(fused_cpu.toolchain() is not None,
+                                   reason=f"fused CPU kernels: {fused_cpu.toolchain()}")
+EPS = 1e-5
+
+
+def _ground_truth(x64, w64, b64):
+    """Float64 batch norm (training mode) and 2x2 max-pool by torch's ops, with the flat index
+    of each window's maximum."""
+    y = torch.nn.functional.batch_norm(x64, None, None, w64, b64, training=True, eps=EPS)
+    out, indices = F.max_pool2d(y, 2, return_indices=True)
+    return y, out, indices
+
+
+@needs_kernels
+@pytest.mark.parametrize("shape", [(5, 8, 28, 28), (3, 6, 7, 7), (4, 5, 21, 21), (2, 3, 9, 6)])
+@pytest.mark.parametrize("ties", [False, True])
+def test_kernels_equal_torch_in_float64(shape, ties):
+    """Odd sizes (the last row and column outside every window), and images with many exactly
+    tied values (as Omniglot's flat background gives), where the first maximum in scan order
+    must win as in torch's kernels."""
+    ext = fused_cpu.load(required=True)
+    gen = torch.Generator().manual_seed(sum(shape) + ties)
+    x64 = torch.randn(shape, generator=gen, dtype=torch.float64) * 2 + 1
+    if ties:
+        x64 = x64.round()  # integers: exact ties, and no near-ties to round either way
+    c = shape[1]
+    w64 = torch.rand(c, generator=gen, dtype=torch.float64) + 0.5
+    w64[0] = -w64[0]  # a negative scale turns each window's minimum into its maximum
+    b64 = torch.rand(c, generator=gen, dtype=torch.float64)
+    x64.requires_grad_(True)
+    w64.requires_grad_(True)
+    b64.requires_grad_(True)
+    _, out64, indices = _ground_truth(x64, w64, b64)
+    g64 = torch.randn(out64.shape, generator=gen, dtype=torch.float64)
+    gx64, gw64, gb64 = torch.autograd.grad(out64, (x64, w64, b64), g64)
+
+    x, w, b = (t.detach().float() for t in (x64, w64, b64))
+    out, mean, invstd, codes = ext.bn_pool_forward(x, w, b, EPS)
+    h, wd = shape[-2:]
+    starts = (torch.arange(h // 2) * 2 * wd)[:, None] + torch.arange(wd // 2)[None, :] * 2
+    assert torch.equal(starts + codes.long(), indices)
+    assert torch.allclose(out.double(), out64, rtol=1e-5, atol=1e-5)
+    assert torch.allclose(mean.double(), x64.detach().mean((0, 2, 3)), rtol=1e-5, atol=1e-6)
+    var = x64.detach().var((0, 2, 3), unbiased=False)
+    assert torch.allclose(invstd.double(), (var + EPS).rsqrt(), rtol=1e-5)
+    gx, gw, gb = ext.bn_pool_backward(g64.float(), x, w, mean, invstd, codes)
+    for got, want in ((gx, gx64), (gw, gw64), (gb, gb64)):
+        scale = want.abs().max().item()
+        assert (got.double() - want).abs().max().item() <= 1e-5 * scale
+
+
+def _meta_grads(config, dtype):
+    learner = MetaLearner(config, dtype=dtype)
+    cfg = learner.config
+    weights = msl_weights(0, cfg.train.inner_steps, cfg.maml_pp.msl_epochs, cfg.maml_pp.msl)
+    learner.meta_loss(random_batch(cfg, seed=5), weights, True)
+    return learner, grads(learner)
+
+
+def _worst(got: dict, want: dict) -> float:
+    # conv biases feed batch norm: their meta-gradients are rounding noise on every path
+    keys = [k for k in want if not (k.endswith("bias") and ".conv" in k)]
+    return max(((got[k].double() - want[k]).norm() / want[k].norm()).item() for k in keys)
+
+
+@needs_kernels
+def test_second_order_meta_gradient_with_the_kernels_is_as_precise_as_without():
+    """A second-order step (NCHW, one task per pass) with and without the kernels, each in
+    float32 against the same step in float64: the kernels' meta-gradient is as close (within 3x:
+    float32 summed in another order wanders by that much)."""
+    base = ["train.task_threads=1", "train.task_group=1", "train.channels_last=never",
+            "model.filters=8"]
+    _, want = _meta_grads(small_config(*base, "train.fused_kernels=off"), torch.float64)
+    on, got_on = _meta_grads(small_config(*base, "train.fused_kernels=on"), torch.float32)
+    off, got_off = _meta_grads(small_config(*base, "train.fused_kernels=off"), torch.float32)
+    assert on.paths.fused_kernels and not off.paths.fused_kernels
+    error_on, error_off = _worst(got_on, want), _worst(got_off, want)
+    assert error_on <= max(3 * error_off, 1e-5), (error_on, error_off)
+    assert _worst(got_on, {k: v.double() for k, v in got_off.items()}) > 0  # the kernels ran
+
+
+@needs_kernels
+def test_results_do_not_depend_on_task_threads_with_the_kernels():
+    # at one intra-op thread, as tests/test_fast_paths.py: torch's own reductions split over
+    # intra-op threads round differently
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        results = []
+        for task_threads in (1, 2):
+            config = small_config("train.task_group=1", "train.channels_last=never",
+                                  "train.fused_kernels=on", "model.filters=8",
+                                  f"train.task_threads={task_threads}")
+            learner, got = _meta_grads(config, torch.float32)
+            assert learner.paths.fused_kernels
+            results.append(got)
+    finally:
+        torch.set_num_threads(threads)
+    for k in results[0]:
+        assert torch.equal(results[0][k], results[1][k]), k
+
+
+def test_auto_falls_back_to_torch_ops_without_a_toolchain(monkeypatch):
+    import engine.fast_paths as fast_paths
+
+    monkeypatch.setattr(fast_paths, "toolchain", lambda: "no C++ compiler (c++) on PATH")
+    learner = MetaLearner(small_config("train.fused_kernels=auto"))
+    assert not learner.paths.fused_kernels
+
+
+def test_on_without_kernels_is_one_clear_error(monkeypatch):
+    monkeypatch.setattr(fused_cpu, "_state", {"ext": None, "error": "ninja is not on PATH"})
+    with pytest.raises(UserError, match="train.fused_kernels = on.*ninja is not on PATH"):
+        MetaLearner(small_config("train.fused_kernels=on"))
+
+
+def test_a_failed_build_leaves_torch_ops(monkeypatch):
+    """auto: a compiler error is logged and the run goes on with torch's ops."""
+    import torch.utils.cpp_extension as cpp
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("Error building extension")
+
+    monkeypatch.setattr(fused_cpu, "_state", {"ext": None, "error": None})
+    monkeypatch.setattr(fused_cpu, "toolchain", lambda: None)
+    monkeypatch.setattr(cpp, "load_inline", broken)
+    assert fused_cpu.load() is None
+    assert "Error building extension" in fused_cpu._state["error"]
