@@ -29,10 +29,10 @@ the engine's defaults") has the numbers, benchmarks/results/ the reports.
 - fused_kernels: on CPU, batch norm and the max-pool of float32 NCHW training passes as the
   compiled kernels of engine/fused_cpu.py where a C++ toolchain can build them (second-order
   steps: the support passes and, on mini-ImageNet and one task per thread, the query passes).
-  Their forward was 3-7x and backward 1.3-2.7x faster than torch's ops; second-order steps
-  1.10-1.23x on mini-ImageNet, 1.04-1.07x on omniglot-20w1s and 5w5s, 0.97-1.03x on
-  omniglot-5w1s (benchmarks/fused_kernels.py). Not in evaluation, whose passes are
-  channels-last on CPU and whose logits engine/adapt.py reproduces.
+  Their forward was 4-7x and backward 1.5-2.8x faster than torch's ops; second-order steps
+  1.09-1.23x faster on mini-ImageNet, 1.00-1.07x on Omniglot (benchmarks/fused_kernels.py).
+  Not in evaluation, whose passes are channels-last on CPU and whose logits engine/adapt.py
+  reproduces.
 - precision: float32 on CPU (bf16 autocast wrecked second-order gradients there); on CUDA "tf32"
   (TF32 convs are torch's own default; this extends it to matmuls) until run_gpu.sh says more.
 """

@@ -5,8 +5,8 @@ separate memory-bound passes, 2.5-6x slower than the bytes they move allow, and 
 in torch ops is faster (benchmarks/rest_alternatives.py). One C++ pass per channel computes the
 statistics, normalises, pools and writes only the pooled values and each window's one-byte code;
 its backward takes the batch-norm sums over the pooled quarter (the gradient is zero elsewhere)
-and writes the input gradient in one pass (benchmarks/fused_kernels.py: 3-7x faster forward,
-1.3-2.7x faster backward). Same function as engine/batch_norm.py's `batch_norm_pool` to float32
+and writes the input gradient in one pass (benchmarks/fused_kernels.py: 4-7x faster forward,
+1.5-2.8x faster backward). Same function as engine/batch_norm.py's `batch_norm_pool` to float32
 rounding, the same window chosen (the first maximum in scan order, as torch's kernels), the same
 codes; tests/test_fused_cpu.py checks it against float64.
 
