@@ -24,6 +24,7 @@ import os
 import re
 import shutil
 import threading
+import time
 from pathlib import Path
 
 import torch
@@ -35,6 +36,7 @@ log = logging.getLogger(__name__)
 
 _SOURCE = Path(__file__).with_name("fused_bn_pool.cpp")
 _MAX_WIDTH = 254  # codes up to W + 1 fit a byte (engine/max_pool.py)
+STALE_LOCK_S = 600
 _lock = threading.Lock()
 _state: dict = {"ext": None, "error": None}
 
@@ -76,7 +78,9 @@ def _build() -> None:
     from torch.utils.cpp_extension import _get_build_directory, load_inline
 
     try:
-        built = any(Path(_get_build_directory(_name(), verbose=False)).glob("*.so"))
+        folder = Path(_get_build_directory(_name(), verbose=False))
+        built = any(folder.glob("*.so"))
+        _clear_stale_lock(folder / "lock")
     except Exception:  # a private helper of torch's: only the message depends on it
         built = False
     if not built:
@@ -89,6 +93,18 @@ def _build() -> None:
     except Exception as error:  # a compiler error must not end the run: torch's ops remain
         _state["error"] = f"the build failed ({type(error).__name__}: {str(error)[-300:]})"
         log.warning("fused CPU kernels unavailable, using torch's ops: %s", _state["error"])
+
+
+def _clear_stale_lock(lock: Path) -> None:
+    """torch waits, without end, for the lock file of a build in progress; a build that was
+    killed leaves it behind. A build takes about a minute: a lock older than STALE_LOCK_S is
+    such a leftover."""
+    try:
+        if time.time() - lock.stat().st_mtime > STALE_LOCK_S:
+            lock.unlink()
+            log.warning("removed %s, left by an interrupted build of the fused CPU kernels", lock)
+    except FileNotFoundError:
+        pass
 
 
 def applies(x: torch.Tensor) -> bool:

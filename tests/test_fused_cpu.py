@@ -148,3 +148,21 @@ def test_a_failed_build_leaves_torch_ops(monkeypatch):
     monkeypatch.setattr(cpp, "load_inline", broken)
     assert fused_cpu.load() is None
     assert "Error building extension" in fused_cpu._state["error"]
+
+
+def test_a_lock_left_by_a_killed_build_is_removed(tmp_path):
+    """torch's build waits for its lock file without end: one older than any build is a
+    leftover of a killed build and goes; a fresh one (a build in progress) stays."""
+    import os
+    import time
+
+    old, fresh = tmp_path / "old" / "lock", tmp_path / "fresh" / "lock"
+    for lock in (old, fresh):
+        lock.parent.mkdir()
+        lock.write_text("")
+    stale = time.time() - fused_cpu.STALE_LOCK_S - 60
+    os.utime(old, (stale, stale))
+    fused_cpu._clear_stale_lock(old)
+    fused_cpu._clear_stale_lock(fresh)
+    fused_cpu._clear_stale_lock(tmp_path / "none" / "lock")
+    assert not old.exists() and fresh.exists()
