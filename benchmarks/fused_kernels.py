@@ -5,8 +5,8 @@ Issue 20's remaining gap is the memory-bound rest of a step (`rest_alternatives.
 batch norm and max-pool run 2.5-6x their memory floor and no formulation in torch ops is
 faster). This measures what the fused kernels gain: per op at the presets' largest NCHW shapes
 (checked against torch's first), and per step with `train.fused_kernels` off and on, alternating
-on the same meta-batches, on each preset given. Needs a C++ compiler and ninja (the kernels are
-built once per torch version). Writes results/fused-kernels-DATE.json.
+on the same meta-batches, on each preset given. Needs a C compiler. Writes
+results/fused-kernels-DATE.json.
 
     python benchmarks/fused_kernels.py [--preset miniimagenet-5w1s ...] [--rounds 4]
 """
@@ -30,8 +30,8 @@ EPS = 1e-5
 def build():
     from engine import fused_cpu
 
-    ext = fused_cpu.load(required=True)
-    return ext
+    fused_cpu.load(required=True)
+    return fused_cpu
 
 
 def _best_ms(f, repeats: int = 5) -> float:
@@ -66,17 +66,17 @@ def _op_row(ext, shape, engine_forward, engine_backward) -> dict:
     x = torch.randn(shape) * 2 + 1
     w, b = torch.rand(shape[1]) + 0.5, torch.rand(shape[1])
     want = engine_forward(x, w, b)
-    got = ext.bn_pool_forward(x, w, b, EPS)
+    got = ext.forward(x, w, b, EPS)
     codes_differ = (want[3] != got[3]).float().mean().item()
     assert torch.allclose(got[0], want[0], rtol=1e-5, atol=1e-5) and codes_differ < 1e-4
     args = (torch.randn_like(want[0]), x, w, want[1], want[2], want[3])
-    for a, r in zip(ext.bn_pool_backward(*args), engine_backward(*args[:5], EPS, want[3])):
+    for a, r in zip(ext.backward(*args), engine_backward(*args[:5], EPS, want[3])):
         assert torch.allclose(a, r, rtol=1e-4, atol=1e-4 * r.abs().max().item())
     return {"shape": list(shape), "codes_differing": codes_differ,
             "forward_ms": {"engine": _best_ms(lambda: engine_forward(x, w, b)),
-                           "fused": _best_ms(lambda: ext.bn_pool_forward(x, w, b, EPS))},
+                           "fused": _best_ms(lambda: ext.forward(x, w, b, EPS))},
             "backward_ms": {"engine": _best_ms(lambda: engine_backward(*args[:5], EPS, want[3])),
-                            "fused": _best_ms(lambda: ext.bn_pool_backward(*args))}}
+                            "fused": _best_ms(lambda: ext.backward(*args))}}
 
 
 def _steps(preset: str, rounds: int) -> dict:

@@ -27,7 +27,7 @@ the engine's defaults") has the numbers, benchmarks/results/ the reports.
 - shared_arena: on CPU for images over SMALL_IMAGE px: task threads then reuse the training
   heap instead of each keeping an arena of its own (engine/allocator.py).
 - fused_kernels: on CPU, batch norm and the max-pool of float32 NCHW training passes as the
-  compiled kernels of engine/fused_cpu.py where a C++ toolchain can build them (second-order
+  compiled kernels of engine/fused_cpu.py where a C compiler can build them (second-order
   steps: the support passes and, on mini-ImageNet and one task per thread, the query passes).
   Their forward was 4-7x and backward 1.5-2.8x faster than torch's ops; second-order steps
   1.09-1.23x faster on mini-ImageNet, 1.00-1.07x on Omniglot (benchmarks/fused_kernels.py).

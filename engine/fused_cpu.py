@@ -1,8 +1,8 @@
-"""Batch norm fused with the 2x2 max-pool after it, compiled for the CPU (`fused_bn_pool.cpp`).
+"""Batch norm fused with the 2x2 max-pool after it, compiled for the CPU (`fused_bn_pool.c`).
 
 torch runs a training-mode batch norm, the max-pool and the layout copies between them as
 separate memory-bound passes, 2.5-6x slower than the bytes they move allow, and no formulation
-in torch ops is faster (benchmarks/rest_alternatives.py). One C++ pass per channel computes the
+in torch ops is faster (benchmarks/rest_alternatives.py). One C pass per channel computes the
 statistics, normalises, pools and writes only the pooled values and each window's one-byte code;
 its backward takes the batch-norm sums over the pooled quarter (the gradient is zero elsewhere)
 and writes the input gradient in one pass (benchmarks/fused_kernels.py: 4-7x faster forward,
@@ -10,23 +10,28 @@ and writes the input gradient in one pass (benchmarks/fused_kernels.py: 4-7x fas
 rounding, the same window chosen (the first maximum in scan order, as torch's kernels), the same
 codes; tests/test_fused_cpu.py checks it against float64.
 
-The kernels are built once per torch version with torch.utils.cpp_extension (a C++ compiler and
-ninja on PATH; about a minute on two cores) into torch's extension cache, and loaded from there
-afterwards. `train.fused_kernels = auto` uses them on CPU where that toolchain exists and falls
-back to torch's ops, with a warning, where the build fails; `on` requires them; `off` never.
+The C file has no dependency but libm: it is compiled once (about a second, with the C compiler
+`$CC` or `cc`) into the user cache folder, under a name that carries its source's hash, and
+loaded with ctypes, which releases the GIL during the call. The compiled file is written under a
+temporary name and renamed into place, so processes building at once never see half a library.
+`train.fused_kernels = auto` uses it on CPU where it builds and falls back to torch's ops, with a
+warning, where the build fails; `on` requires it; `off` never.
 """
 
 from __future__ import annotations
 
+import ctypes
 import functools
+import hashlib
 import logging
 import os
-import re
 import shutil
+import subprocess
+import tempfile
 import threading
-import time
 from pathlib import Path
 
+import platformdirs
 import torch
 from torch._C._functorch import is_batchedtensor
 
@@ -34,94 +39,106 @@ from engine.errors import UserError
 
 log = logging.getLogger(__name__)
 
-_SOURCE = Path(__file__).with_name("fused_bn_pool.cpp")
+_SOURCE = Path(__file__).with_name("fused_bn_pool.c")
+_FLAGS = ["-O3", "-shared", "-fPIC", "-lm"]
 _MAX_WIDTH = 254  # codes up to W + 1 fit a byte (engine/max_pool.py)
-STALE_LOCK_S = 600
 _lock = threading.Lock()
-_state: dict = {"ext": None, "error": None}
+_state: dict = {"lib": None, "error": None}
+
+
+def _compiler() -> str:
+    return os.environ.get("CC", "cc")
 
 
 @functools.cache
 def toolchain() -> str | None:
-    """Why the kernels cannot be built here, or None when a compiler and ninja are on PATH."""
-    from torch.utils.cpp_extension import is_ninja_available
-
-    compiler = os.environ.get("CXX", "c++")
-    if shutil.which(compiler) is None:
-        return f"no C++ compiler ({compiler}) on PATH"
-    if not is_ninja_available():
-        return "ninja is not on PATH"
+    """Why the kernels cannot be built here, or None when a C compiler is on PATH."""
+    if shutil.which(_compiler()) is None:
+        return f"no C compiler ({_compiler()}) on PATH"
     return None
 
 
-def _name() -> str:
-    # one build per torch version: an extension compiled against another torch's headers
-    # must never be loaded
-    return "mamlpp_fused_bn_pool_" + re.sub(r"\W", "_", torch.__version__)
+def _library_path() -> Path:
+    digest = hashlib.sha256(_SOURCE.read_bytes() + " ".join(_FLAGS).encode()).hexdigest()[:16]
+    return platformdirs.user_cache_path("mamlpp") / "kernels" / f"fused_bn_pool-{digest}.so"
 
 
 def load(required: bool = False):
-    """The compiled module, built on first use; None (with a logged warning) where it cannot
+    """The loaded library, compiled on first use; None (with a logged warning) where it cannot
     be built, or a UserError when `required`."""
     with _lock:
-        if _state["ext"] is None and _state["error"] is None:
+        if _state["lib"] is None and _state["error"] is None:
             _state["error"] = toolchain()
             if _state["error"] is None:
                 _build()
-        if _state["ext"] is None and required:
+        if _state["lib"] is None and required:
             raise UserError(f"train.fused_kernels = on, but the fused CPU kernels cannot be "
                             f"built: {_state['error']}; set train.fused_kernels = auto or off.")
-        return _state["ext"]
+        return _state["lib"]
 
 
 def _build() -> None:
-    from torch.utils.cpp_extension import _get_build_directory, load_inline
-
+    path = _library_path()
     try:
-        folder = Path(_get_build_directory(_name(), verbose=False))
-        built = any(folder.glob("*.so"))
-        _clear_stale_lock(folder / "lock")
-    except Exception:  # a private helper of torch's: only the message depends on it
-        built = False
-    if not built:
-        log.warning("building mamlpp's fused CPU kernels once for torch %s (about a minute)",
-                    torch.__version__)
-    try:
-        _state["ext"] = load_inline(
-            _name(), cpp_sources=_SOURCE.read_text(),
-            functions=["bn_pool_forward", "bn_pool_backward"], extra_cflags=["-O3"])
-    except Exception as error:  # a compiler error must not end the run: torch's ops remain
-        _state["error"] = f"the build failed ({type(error).__name__}: {str(error)[-300:]})"
+        if not path.exists():
+            path.parent.mkdir(parents=True, exist_ok=True)
+            fd, tmp = tempfile.mkstemp(suffix=".so", dir=path.parent)
+            os.close(fd)
+            try:
+                subprocess.run([_compiler(), *_FLAGS[:3], str(_SOURCE), "-o", tmp, _FLAGS[3]],
+                               check=True, capture_output=True, text=True, timeout=300)
+                os.replace(tmp, path)
+            finally:
+                Path(tmp).unlink(missing_ok=True)
+        _state["lib"] = _bind(ctypes.CDLL(str(path)))
+    except (OSError, subprocess.SubprocessError) as error:  # torch's ops remain
+        detail = getattr(error, "stderr", None) or str(error)
+        _state["error"] = f"the build failed ({detail.strip()[-300:]})"
         log.warning("fused CPU kernels unavailable, using torch's ops: %s", _state["error"])
 
 
-def _clear_stale_lock(lock: Path) -> None:
-    """torch waits, without end, for the lock file of a build in progress; a build that was
-    killed leaves it behind. A build takes about a minute: a lock older than STALE_LOCK_S is
-    such a leftover."""
-    try:
-        if time.time() - lock.stat().st_mtime > STALE_LOCK_S:
-            lock.unlink()
-            log.warning("removed %s, left by an interrupted build of the fused CPU kernels", lock)
-    except FileNotFoundError:
-        pass
+def _bind(lib: ctypes.CDLL) -> ctypes.CDLL:
+    p, i64 = ctypes.c_void_p, ctypes.c_int64
+    lib.bn_pool_forward.argtypes = [p, p, p, i64, i64, i64, i64, ctypes.c_double, p, p, p, p]
+    lib.bn_pool_backward.argtypes = [p, p, p, p, p, p, i64, i64, i64, i64, p, p, p]
+    lib.bn_pool_forward.restype = lib.bn_pool_backward.restype = None
+    return lib
 
 
 def applies(x: torch.Tensor) -> bool:
     """Whether the loaded kernels take this batch-norm input: float32 NCHW-contiguous on the
     CPU, plain autograd (not under torch.func), rows narrow enough for one-byte codes."""
-    return (_state["ext"] is not None and x.device.type == "cpu"
+    return (_state["lib"] is not None and x.device.type == "cpu"
             and x.dtype == torch.float32 and x.dim() == 4 and x.is_contiguous()
             and 2 <= x.shape[-1] <= _MAX_WIDTH and x.shape[-2] >= 2
             and not is_batchedtensor(x))
 
 
+def _f32(t: torch.Tensor) -> torch.Tensor:
+    return t.detach().to(torch.float32).contiguous()
+
+
 def forward(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor, eps: float):
     """(pooled y, batch mean, batch invstd, codes) of batch norm then the 2x2 max-pool."""
-    return tuple(_state["ext"].bn_pool_forward(x, w, b, eps))
+    x, w, b = _f32(x), _f32(w), _f32(b)
+    n, c, h, wd = x.shape
+    out = x.new_empty((n, c, h // 2, wd // 2))
+    codes = torch.empty(out.shape, dtype=torch.uint8)
+    mean, invstd = x.new_empty(c), x.new_empty(c)
+    _state["lib"].bn_pool_forward(x.data_ptr(), w.data_ptr(), b.data_ptr(), n, c, h, wd,
+                                  float(eps), out.data_ptr(), codes.data_ptr(),
+                                  mean.data_ptr(), invstd.data_ptr())
+    return out, mean, invstd, codes
 
 
 def backward(g: torch.Tensor, x: torch.Tensor, w: torch.Tensor, mean: torch.Tensor,
              invstd: torch.Tensor, codes: torch.Tensor):
     """(gx, gw, gb) of batch norm given the gradient g of its pooled output."""
-    return tuple(_state["ext"].bn_pool_backward(g, x, w, mean, invstd, codes))
+    g, x, w, mean, invstd = (_f32(t) for t in (g, x, w, mean, invstd))
+    codes = codes.contiguous()
+    n, c, h, wd = x.shape
+    gx, gw, gb = torch.empty_like(x), x.new_empty(c), x.new_empty(c)
+    _state["lib"].bn_pool_backward(g.data_ptr(), x.data_ptr(), w.data_ptr(), mean.data_ptr(),
+                                   invstd.data_ptr(), codes.data_ptr(), n, c, h, wd,
+                                   gx.data_ptr(), gw.data_ptr(), gb.data_ptr())
+    return gx, gw, gb

@@ -6,9 +6,8 @@ thread per core each, OpenMP spin-waiting made the suite several times slower.
 
 A hung test ends its process after HUNG_AFTER_S with every thread's stack in the run's summary.
 
-The compiled CPU kernels (engine/fused_cpu.py) are built once, before any test, where a
-toolchain can: otherwise the first test or `mamlpp` process to need them would spend a minute
-building inside its own time limit.
+The compiled CPU kernels (engine/fused_cpu.py) are built once, before any test, where a C
+compiler exists, so that no test's time includes building them.
 """
 
 import faulthandler
