@@ -22,6 +22,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from benchmarks.op_timing import best_ms  # noqa: E402
+
 SHAPES = [(5, 256, 28, 28), (25, 64, 28, 28), (100, 64, 28, 28), (75, 48, 84, 84),
           (75, 48, 42, 42)]
 EPS = 1e-5
@@ -32,17 +34,6 @@ def build():
 
     fused_cpu.load(required=True)
     return fused_cpu
-
-
-def _best_ms(f, repeats: int = 5) -> float:
-    f()
-    best = float("inf")
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        for _ in range(3):
-            f()
-        best = min(best, (time.perf_counter() - t0) / 3)
-    return round(best * 1e3, 3)
 
 
 def _ops(ext) -> list[dict]:
@@ -73,10 +64,11 @@ def _op_row(ext, shape, engine_forward, engine_backward) -> dict:
     for a, r in zip(ext.backward(*args), engine_backward(*args[:5], EPS, want[3])):
         assert torch.allclose(a, r, rtol=1e-4, atol=1e-4 * r.abs().max().item())
     return {"shape": list(shape), "codes_differing": codes_differ,
-            "forward_ms": {"engine": _best_ms(lambda: engine_forward(x, w, b)),
-                           "fused": _best_ms(lambda: ext.forward(x, w, b, EPS))},
-            "backward_ms": {"engine": _best_ms(lambda: engine_backward(*args[:5], EPS, want[3])),
-                            "fused": _best_ms(lambda: ext.backward(*args))}}
+            "forward_ms": {"engine": best_ms(lambda: engine_forward(x, w, b), warmup=1),
+                           "fused": best_ms(lambda: ext.forward(x, w, b, EPS), warmup=1)},
+            "backward_ms": {"engine": best_ms(lambda: engine_backward(*args[:5], EPS, want[3]),
+                                              warmup=1),
+                            "fused": best_ms(lambda: ext.backward(*args), warmup=1)}}
 
 
 def _steps(preset: str, rounds: int) -> dict:

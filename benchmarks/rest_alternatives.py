@@ -40,6 +40,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from benchmarks.op_timing import best_ms  # noqa: E402
+
 # the largest NCHW pass each preset's second-order step pools and normalises (one thread's
 # share: omniglot-5w1s folds 4 tasks per task thread)
 SHAPES = {
@@ -50,19 +52,6 @@ SHAPES = {
     "miniimagenet (query, stage 2)": (75, 48, 42, 42),
 }
 _K, _PAD, _DIL = [2, 2], [0, 0], [1, 1]
-
-
-def _best_ms(f, repeats: int = 5) -> float:
-    f()
-    f()
-    n = 3
-    best = float("inf")
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        for _ in range(n):
-            f()
-        best = min(best, (time.perf_counter() - t0) / n)
-    return round(best * 1e3, 3)
 
 
 def _quads(x):
@@ -142,14 +131,14 @@ def _pool(shape, dtype=None):
                                               and not torch.equal(bwd_out, grad_in)):
             raise AssertionError(f"max-pool alternative {name} differs at {shape}")
     return {
-        "engine": {"forward_ms": _best_ms(engine_fwd), "backward_ms": _best_ms(engine_bwd)},
+        "engine": {"forward_ms": best_ms(engine_fwd), "backward_ms": best_ms(engine_bwd)},
         # its backward is the engine's (the same NCHW kernel)
-        "torch_nchw_kernel": {"forward_ms": _best_ms(nchw_fwd)},
-        "strided_slices": {"forward_ms": _best_ms(lambda: _slice_pool(x)),
-                           "backward_ms": _best_ms(lambda: _slice_scatter(g, slice_codes,
+        "torch_nchw_kernel": {"forward_ms": best_ms(nchw_fwd)},
+        "strided_slices": {"forward_ms": best_ms(lambda: _slice_pool(x)),
+                           "backward_ms": best_ms(lambda: _slice_scatter(g, slice_codes,
                                                                           shape))},
-        "channels_last_indices_kept": {"forward_ms": _best_ms(cl_kept_fwd),
-                                       "backward_ms": _best_ms(cl_kept_bwd)},
+        "channels_last_indices_kept": {"forward_ms": best_ms(cl_kept_fwd),
+                                       "backward_ms": best_ms(cl_kept_bwd)},
     }
 
 
@@ -237,17 +226,17 @@ def _batch_norm(shape):
     x, w, b, mean, invstd, g, indices = case(torch.float32)
     return {
         "forward_ms": {
-            "torch_native_batch_norm": _best_ms(lambda: torch.native_batch_norm(
+            "torch_native_batch_norm": best_ms(lambda: torch.native_batch_norm(
                 x, w, b, None, None, True, 0.0, eps)),
-            "matmul_stats_one_pass": _best_ms(lambda: _bn_forward(_bn_stats_one_pass, x, w,
+            "matmul_stats_one_pass": best_ms(lambda: _bn_forward(_bn_stats_one_pass, x, w,
                                                                   b, eps)),
-            "matmul_stats_two_pass": _best_ms(lambda: _bn_forward(_bn_stats_two_pass, x, w,
+            "matmul_stats_two_pass": best_ms(lambda: _bn_forward(_bn_stats_two_pass, x, w,
                                                                   b, eps)),
         },
         "backward_behind_pool_ms": {
-            "torch_scatter_then_native_backward": _best_ms(lambda: torch_backward(
+            "torch_scatter_then_native_backward": best_ms(lambda: torch_backward(
                 g, x, w, mean, invstd, indices)),
-            "sums_on_the_pooled_quarter": _best_ms(lambda: _bn_backward_quarter(
+            "sums_on_the_pooled_quarter": best_ms(lambda: _bn_backward_quarter(
                 g, x, w, mean, invstd, indices)),
         },
     }
@@ -259,7 +248,7 @@ def _floors(shape) -> dict:
 
     x = torch.randn(shape)
     out = torch.empty_like(x)
-    copy_ms = _best_ms(lambda: out.copy_(x))
+    copy_ms = best_ms(lambda: out.copy_(x))
     full = x.numel() * 4
     per_ms = 2 * full / copy_ms  # bytes per millisecond, read + write
     floor = {  # bytes read and written by a kernel that fuses the op

@@ -36,12 +36,12 @@ import torch
 from torch._C._functorch import is_batchedtensor
 
 from engine.errors import UserError
+from engine.max_pool import MAX_CODED_WIDTH
 
 log = logging.getLogger(__name__)
 
 _SOURCE = Path(__file__).with_name("fused_bn_pool.c")
-_FLAGS = ["-O3", "-shared", "-fPIC", "-lm"]
-_MAX_WIDTH = 254  # codes up to W + 1 fit a byte (engine/max_pool.py)
+_CFLAGS, _LIBS = ["-O3", "-shared", "-fPIC"], ["-lm"]
 _lock = threading.Lock()
 _state: dict = {"lib": None, "error": None}
 
@@ -59,7 +59,8 @@ def toolchain() -> str | None:
 
 
 def _library_path() -> Path:
-    digest = hashlib.sha256(_SOURCE.read_bytes() + " ".join(_FLAGS).encode()).hexdigest()[:16]
+    flags = " ".join(_CFLAGS + _LIBS).encode()
+    digest = hashlib.sha256(_SOURCE.read_bytes() + flags).hexdigest()[:16]
     return platformdirs.user_cache_path("mamlpp") / "kernels" / f"fused_bn_pool-{digest}.so"
 
 
@@ -85,7 +86,7 @@ def _build() -> None:
             fd, tmp = tempfile.mkstemp(suffix=".so", dir=path.parent)
             os.close(fd)
             try:
-                subprocess.run([_compiler(), *_FLAGS[:3], str(_SOURCE), "-o", tmp, _FLAGS[3]],
+                subprocess.run([_compiler(), *_CFLAGS, str(_SOURCE), "-o", tmp, *_LIBS],
                                check=True, capture_output=True, text=True, timeout=300)
                 os.replace(tmp, path)
             finally:
@@ -110,7 +111,7 @@ def applies(x: torch.Tensor) -> bool:
     CPU, plain autograd (not under torch.func), rows narrow enough for one-byte codes."""
     return (_state["lib"] is not None and x.device.type == "cpu"
             and x.dtype == torch.float32 and x.dim() == 4 and x.is_contiguous()
-            and 2 <= x.shape[-1] <= _MAX_WIDTH and x.shape[-2] >= 2
+            and 2 <= x.shape[-1] <= MAX_CODED_WIDTH and x.shape[-2] >= 2
             and not is_batchedtensor(x))
 
 

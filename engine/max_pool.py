@@ -23,7 +23,7 @@ import torch
 from torch._C._functorch import is_batchedtensor
 
 _K, _PAD, _DIL = [2, 2], [0, 0], [1, 1]
-_MAX_CODED_WIDTH = 254  # offsets up to W + 1 fit a uint8
+MAX_CODED_WIDTH = 254  # offsets up to W + 1 fit a uint8
 
 
 def _window_starts(shape: torch.Size, device: torch.device) -> torch.Tensor:
@@ -36,7 +36,7 @@ def _window_starts(shape: torch.Size, device: torch.device) -> torch.Tensor:
 def _encode(indices: torch.Tensor, shape: torch.Size) -> torch.Tensor:
     """uint8 offsets (NCHW) of torch's flat max-pool indices; the indices themselves for rows
     too wide for a byte."""
-    if shape[-1] > _MAX_CODED_WIDTH:
+    if shape[-1] > MAX_CODED_WIDTH:
         return indices.contiguous()
     offsets = indices.sub_(_window_starts(shape, indices.device))  # the kernel's own tensor
     return offsets.to(torch.uint8, memory_format=torch.contiguous_format)
