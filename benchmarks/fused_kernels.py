@@ -5,7 +5,8 @@ Issue 20's remaining gap is the memory-bound rest of a step (`rest_alternatives.
 batch norm and max-pool run 2.5-6x their memory floor and no formulation in torch ops is
 faster). This measures what the fused kernels gain: per op at the presets' largest NCHW shapes
 (checked against torch's first), and per step with `train.fused_kernels` off and on, alternating
-on the same meta-batches, on each preset given. Needs a C compiler. Writes
+on the same meta-batches, on each preset given; and, on the process's intra-op threads, one
+call against the same call with its channels split across them. Needs a C compiler. Writes
 results/fused-kernels-DATE.json.
 
     python benchmarks/fused_kernels.py [--preset miniimagenet-5w1s ...] [--rounds 4]
@@ -71,6 +72,43 @@ def _op_row(ext, shape, engine_forward, engine_backward) -> dict:
                             "fused": best_ms(lambda: ext.backward(*args), warmup=1)}}
 
 
+def _split_ops(ext) -> list[dict]:
+    """One call on one thread against the same call split over the calling thread's intra-op
+    threads (engine/fused_cpu.py's `_over_channels`), at the shapes that split."""
+    import torch
+
+    rows = []
+    for shape in SHAPES:
+        if torch.Size(shape).numel() >= ext.PARALLEL_MIN_ELEMENTS:
+            rows.append(_split_row(ext, shape))
+            f, bk = rows[-1]["forward_ms"], rows[-1]["backward_ms"]
+            print(f"{list(shape)} on {rows[-1]['threads']} threads: forward {f['one_call']} -> "
+                  f"{f['split']} ms, backward {bk['one_call']} -> {bk['split']} ms split",
+                  flush=True)
+    return rows
+
+
+def _split_row(ext, shape) -> dict:
+    import torch
+
+    x = torch.randn(shape) * 2 + 1
+    w, b = torch.rand(shape[1]) + 0.5, torch.rand(shape[1])
+    _, mean, invstd, codes = ext.forward(x, w, b, EPS)
+    g = torch.randn(codes.shape)
+    row = {"shape": list(shape), "threads": torch.get_num_threads(),
+           "forward_ms": {}, "backward_ms": {}}
+    default = ext.PARALLEL_MIN_ELEMENTS
+    try:
+        for name, limit in (("one_call", 1 << 62), ("split", default)):
+            ext.PARALLEL_MIN_ELEMENTS = limit
+            row["forward_ms"][name] = best_ms(lambda: ext.forward(x, w, b, EPS), warmup=1)
+            row["backward_ms"][name] = best_ms(
+                lambda: ext.backward(g, x, w, mean, invstd, codes), warmup=1)
+    finally:
+        ext.PARALLEL_MIN_ELEMENTS = default
+    return row
+
+
 def _steps(preset: str, rounds: int) -> dict:
     from benchmarks.alternating import alternate, median_speedup
     from engine.bench import synthetic_dataset
@@ -106,6 +144,7 @@ def main() -> int:
     parser.add_argument("--preset", action="append", default=None)
     parser.add_argument("--rounds", type=int, default=4)
     parser.add_argument("--out", default=None)
+    parser.add_argument("--ops-only", action="store_true", help="skip the whole steps")
     args = parser.parse_args()
     import torch
 
@@ -118,12 +157,14 @@ def main() -> int:
     torch.set_num_threads(1)
     ops = _ops(ext)
     torch.set_num_threads(threads)
-    steps = [_steps(p, args.rounds)
-             for p in args.preset or ["omniglot-5w1s", "miniimagenet-5w1s", "miniimagenet-5w5s"]]
+    split = _split_ops(ext)
+    steps = [] if args.ops_only else [
+        _steps(p, args.rounds)
+        for p in args.preset or ["omniglot-5w1s", "miniimagenet-5w1s", "miniimagenet-5w5s"]]
     path = Path(args.out) if args.out else (
         ROOT / "benchmarks" / "results" / f"fused-kernels-{time.strftime('%Y-%m-%d')}.json")
     write_report({"schema": "mamlpp-fused-kernels/1", "device": device_info("cpu"),
-                  "ops_one_thread": ops, "steps": steps}, path)
+                  "ops_one_thread": ops, "ops_split": split, "steps": steps}, path)
     print(f"wrote {path}")
     return 0
 

@@ -1,7 +1,8 @@
 /* Training-mode batch norm fused with the 2x2 max-pool after it, float32 NCHW-contiguous, one
-   thread per call. Plain C on raw arrays: engine/fused_cpu.py compiles it (about a second),
-   allocates the outputs and calls it through ctypes, which releases the GIL (task threads call
-   it at once); engine/batch_norm.py's batch_norm_pool node uses it.
+   thread per call, over channels [c0, c1). Plain C on raw arrays: engine/fused_cpu.py compiles
+   it (about a second), allocates the outputs and calls it through ctypes, which releases the
+   GIL, so task threads call it at once and one call's channels can be split across threads;
+   engine/batch_norm.py's batch_norm_pool node uses it.
 
    Forward, per channel: the batch mean and 1/sqrt(var + eps) (two passes, as torch, sums in
    double across planes), then y = (x - mean) * invstd * w + b for each 2x2 window, keeping the
@@ -34,9 +35,9 @@ static double lanes_sum(const float* p, int64_t n, float shift, int square) {
 
 void bn_pool_forward(const float* x, const float* w, const float* b, int64_t N, int64_t C,
                      int64_t H, int64_t W, double eps, float* out, uint8_t* codes, float* mean,
-                     float* invstd) {
+                     float* invstd, int64_t c0, int64_t c1) {
   const int64_t HW = H * W, OH = H / 2, OW = W / 2;
-  for (int64_t c = 0; c < C; ++c) {
+  for (int64_t c = c0; c < c1; ++c) {
     double s = 0, v = 0;
     for (int64_t n = 0; n < N; ++n) s += lanes_sum(x + (n * C + c) * HW, HW, 0.f, 0);
     const float m = (float)(s / (N * HW));
@@ -72,9 +73,10 @@ void bn_pool_forward(const float* x, const float* w, const float* b, int64_t N, 
 
 void bn_pool_backward(const float* g, const float* x, const float* w, const float* mean,
                       const float* invstd, const uint8_t* codes, int64_t N, int64_t C,
-                      int64_t H, int64_t W, float* gx, float* gw, float* gb) {
+                      int64_t H, int64_t W, float* gx, float* gw, float* gb, int64_t c0,
+                      int64_t c1) {
   const int64_t HW = H * W, OH = H / 2, OW = W / 2, OHW = OH * OW, M = N * HW;
-  for (int64_t c = 0; c < C; ++c) {
+  for (int64_t c = c0; c < c1; ++c) {
     const float m = mean[c], s = invstd[c];
     double sg = 0, sgx = 0;
     for (int64_t n = 0; n < N; ++n) {

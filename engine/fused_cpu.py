@@ -10,6 +10,10 @@ and writes the input gradient in one pass (benchmarks/fused_kernels.py: 4-7x fas
 rounding, the same window chosen (the first maximum in scan order, as torch's kernels), the same
 codes; tests/test_fused_cpu.py checks it against float64.
 
+A call on a thread with several torch intra-op threads (the engine's single task thread of
+mini-ImageNet's second-order steps) splits a large tensor's channels across that many threads,
+as torch's own ops would use them; task threads run with one and never split.
+
 The C file has no dependency but libm: it is compiled once (about a second, with the C compiler
 `$CC` or `cc`) into the user cache folder, under a name that carries its source's hash, and
 loaded with ctypes, which releases the GIL during the call. The compiled file is written under a
@@ -29,6 +33,7 @@ import shutil
 import subprocess
 import tempfile
 import threading
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import platformdirs
@@ -42,6 +47,8 @@ log = logging.getLogger(__name__)
 
 _SOURCE = Path(__file__).with_name("fused_bn_pool.c")
 _CFLAGS, _LIBS = ["-O3", "-shared", "-fPIC"], ["-lm"]
+# elements of a batch-norm input from which a call splits its channels across intra-op threads
+PARALLEL_MIN_ELEMENTS = 2**20
 _lock = threading.Lock()
 _state: dict = {"lib": None, "error": None}
 
@@ -100,10 +107,34 @@ def _build() -> None:
 
 def _bind(lib: ctypes.CDLL) -> ctypes.CDLL:
     p, i64 = ctypes.c_void_p, ctypes.c_int64
-    lib.bn_pool_forward.argtypes = [p, p, p, i64, i64, i64, i64, ctypes.c_double, p, p, p, p]
-    lib.bn_pool_backward.argtypes = [p, p, p, p, p, p, i64, i64, i64, i64, p, p, p]
+    lib.bn_pool_forward.argtypes = [p, p, p, i64, i64, i64, i64, ctypes.c_double, p, p, p, p,
+                                    i64, i64]
+    lib.bn_pool_backward.argtypes = [p, p, p, p, p, p, i64, i64, i64, i64, p, p, p, i64, i64]
     lib.bn_pool_forward.restype = lib.bn_pool_backward.restype = None
     return lib
+
+
+def _over_channels(x: torch.Tensor, call) -> None:
+    """Run `call(c0, c1)` over all of x's channels, split across as many threads as the calling
+    thread's torch intra-op count where the tensor is large enough to repay the hand-off (task
+    threads run with one, so they never split). Channels are independent: the results are the
+    same however they are split."""
+    channels = x.shape[1]
+    threads = min(torch.get_num_threads(), channels) if x.numel() >= PARALLEL_MIN_ELEMENTS else 1
+    if threads <= 1:
+        call(0, channels)
+        return
+    bounds = [channels * i // threads for i in range(threads + 1)]
+    others = [_helpers().submit(call, bounds[i], bounds[i + 1]) for i in range(1, threads)]
+    call(bounds[0], bounds[1])
+    for done in others:
+        done.result()
+
+
+@functools.cache
+def _helpers() -> ThreadPoolExecutor:
+    return ThreadPoolExecutor(max_workers=max(1, (os.cpu_count() or 2) - 1),
+                              thread_name_prefix="mamlpp-fused")
 
 
 def applies(x: torch.Tensor) -> bool:
@@ -126,9 +157,9 @@ def forward(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor, eps: float):
     out = x.new_empty((n, c, h // 2, wd // 2))
     codes = torch.empty(out.shape, dtype=torch.uint8)
     mean, invstd = x.new_empty(c), x.new_empty(c)
-    _state["lib"].bn_pool_forward(x.data_ptr(), w.data_ptr(), b.data_ptr(), n, c, h, wd,
-                                  float(eps), out.data_ptr(), codes.data_ptr(),
-                                  mean.data_ptr(), invstd.data_ptr())
+    _over_channels(x, functools.partial(
+        _state["lib"].bn_pool_forward, x.data_ptr(), w.data_ptr(), b.data_ptr(), n, c, h, wd,
+        float(eps), out.data_ptr(), codes.data_ptr(), mean.data_ptr(), invstd.data_ptr()))
     return out, mean, invstd, codes
 
 
@@ -139,7 +170,8 @@ def backward(g: torch.Tensor, x: torch.Tensor, w: torch.Tensor, mean: torch.Tens
     codes = codes.contiguous()
     n, c, h, wd = x.shape
     gx, gw, gb = torch.empty_like(x), x.new_empty(c), x.new_empty(c)
-    _state["lib"].bn_pool_backward(g.data_ptr(), x.data_ptr(), w.data_ptr(), mean.data_ptr(),
-                                   invstd.data_ptr(), codes.data_ptr(), n, c, h, wd,
-                                   gx.data_ptr(), gw.data_ptr(), gb.data_ptr())
+    _over_channels(x, functools.partial(
+        _state["lib"].bn_pool_backward, g.data_ptr(), x.data_ptr(), w.data_ptr(),
+        mean.data_ptr(), invstd.data_ptr(), codes.data_ptr(), n, c, h, wd, gx.data_ptr(),
+        gw.data_ptr(), gb.data_ptr()))
     return gx, gw, gb

@@ -34,7 +34,8 @@ def _ground_truth(x64, w64, b64):
 
 
 @needs_kernels
-@pytest.mark.parametrize("shape", [(5, 8, 28, 28), (3, 6, 7, 7), (4, 5, 21, 21), (2, 3, 9, 6)])
+@pytest.mark.parametrize("shape", [(5, 8, 28, 28), (3, 6, 7, 7), (4, 5, 21, 21), (2, 3, 9, 6),
+                                   (2, 3, 8, 9), (3, 2, 5, 36)])
 @pytest.mark.parametrize("ties", [False, True])
 def test_kernels_equal_torch_in_float64(shape, ties):
     """Odd sizes (the last row and column outside every window), and images with many exactly
@@ -120,6 +121,38 @@ def test_results_do_not_depend_on_task_threads_with_the_kernels():
         torch.set_num_threads(threads)
     for k in results[0]:
         assert torch.equal(results[0][k], results[1][k]), k
+
+
+@needs_kernels
+def test_a_call_split_over_intra_op_threads_gives_the_same_bits(monkeypatch):
+    """Large calls split their channels across the calling thread's intra-op threads: every
+    channel must be computed, once, exactly as by one call (channels are independent)."""
+    gen = torch.Generator().manual_seed(3)
+    x = torch.randn(3, 7, 12, 10, generator=gen)
+    w, b = torch.rand(7, generator=gen) + 0.5, torch.randn(7, generator=gen)
+    g = torch.randn(3, 7, 6, 5, generator=gen)
+
+    def both():
+        out, mean, invstd, codes = fused_cpu.forward(x, w, b, EPS)
+        return (out, mean, invstd, codes, *fused_cpu.backward(g, x, w, mean, invstd, codes))
+
+    monkeypatch.setattr(fused_cpu, "PARALLEL_MIN_ELEMENTS", 1 << 60)
+    whole = both()
+    submitted = []
+    pool = fused_cpu._helpers()
+    monkeypatch.setattr(fused_cpu, "_helpers", lambda: pool)
+    monkeypatch.setattr(pool, "submit", lambda fn, *a: submitted.append(a) or
+                        type(pool).submit(pool, fn, *a))
+    monkeypatch.setattr(fused_cpu, "PARALLEL_MIN_ELEMENTS", 0)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(3)
+    try:
+        split = both()
+    finally:
+        torch.set_num_threads(threads)
+    assert submitted == [(2, 4), (4, 7)] * 2  # forward and backward: channels 0-1 on the caller
+    for one, parts in zip(whole, split):
+        assert torch.equal(one, parts)
 
 
 def test_auto_falls_back_to_torch_ops_without_a_toolchain(monkeypatch):
