@@ -31,7 +31,7 @@ KINDS = [
     ("convolution", ("convolution", "conv2d", "mkldnn_conv", "_slow_conv", "thnn_conv")),
     ("matmul (first conv, classifier)", ("aten::mm", "aten::bmm", "aten::addmm", "matmul",
                                          "aten::linear", "im2col", "unfold")),
-    ("batch norm", ("batch_norm",)),
+    ("batch norm", ("batch_norm", "BatchNorm")),
     ("max-pool", ("max_pool", "scatter", "gather")),
     ("copies and layout", ("copy_", "clone", "contiguous", "_to_copy", "aten::to", "aten::cat",
                            "aten::stack", "repeat", "index", "aten::t", "transpose",
@@ -40,20 +40,26 @@ KINDS = [
     ("optimizer (Adam)", ("_foreach", "adam")),
 ]
 OTHER = "element-wise and reductions"
+# engine/batch_norm.py's autograd functions by exact name: with train.fused_kernels their own
+# time is engine/fused_cpu.py's compiled batch norm + max-pool (forward) and the batch-norm
+# backward behind the pool; their backward nodes (the second derivative) are batch norm
+COMPILED = {"_BatchNormPool": "batch norm + max-pool (compiled)",
+            "_BatchNormBackward": "batch norm + max-pool (compiled)"}
 
 
 def kind_of(name: str) -> str:
+    if name in COMPILED:
+        return COMPILED[name]
     for kind, fragments in KINDS:
         if any(f in name for f in fragments):
             return kind
     return OTHER
 
 
-def _profile(preset: str, steps: int) -> dict:
-    from torch.profiler import ProfilerActivity, profile
-    from torch.utils.flop_counter import FlopCounterMode
-
-    from engine.bench import _one_task_thread, _update, synthetic_dataset
+def one_thread_learner(preset: str):
+    """(learner, sampler of synthetic tasks, MSL-phase loss weights): the preset's default path
+    with one task thread (tasks still folded where the engine folds them)."""
+    from engine.bench import synthetic_dataset
     from engine.config import resolve
     from engine.data.sampler import sampler_for
     from engine.learner import MetaLearner
@@ -65,6 +71,17 @@ def _profile(preset: str, steps: int) -> dict:
     sampler = sampler_for(cfg, "train", synthetic_dataset(cfg))
     learner = MetaLearner(cfg, "cpu")
     learner.paths = replace(learner.paths, task_threads=1, task_threads_second_order=1)
+    return learner, sampler, weights
+
+
+def _profile(preset: str, steps: int) -> dict:
+    from torch.profiler import ProfilerActivity, profile
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from engine.bench import _one_task_thread, _update
+
+    learner, sampler, weights = one_thread_learner(preset)
+    t = learner.config.train
     batches = [sampler.batch(i * t.meta_batch, t.meta_batch) for i in range(steps + 1)]
     _update(learner, batches[0], weights, True)  # warm-up: allocator, first-call setup
     counter = FlopCounterMode(display=False)
