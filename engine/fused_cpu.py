@@ -51,6 +51,7 @@ _CFLAGS, _LIBS = ["-O3", "-shared", "-fPIC"], ["-lm"]
 PARALLEL_MIN_ELEMENTS = 2**20
 _lock = threading.Lock()
 _state: dict = {"lib": None, "error": None}
+_pool: dict = {}
 
 
 def _compiler() -> str:
@@ -131,10 +132,15 @@ def _over_channels(x: torch.Tensor, call) -> None:
         done.result()
 
 
-@functools.cache
 def _helpers() -> ThreadPoolExecutor:
-    return ThreadPoolExecutor(max_workers=max(1, (os.cpu_count() or 2) - 1),
-                              thread_name_prefix="mamlpp-fused")
+    """The threads that take the other parts of a split call: one pool per process (a forked
+    child has none of its parent's threads, so it makes its own)."""
+    with _lock:
+        if _pool.get("pid") != os.getpid():
+            _pool["pid"] = os.getpid()
+            _pool["executor"] = ThreadPoolExecutor(
+                max_workers=max(1, (os.cpu_count() or 2) - 1), thread_name_prefix="mamlpp-fused")
+        return _pool["executor"]
 
 
 def applies(x: torch.Tensor) -> bool:

@@ -155,6 +155,19 @@ def test_a_call_split_over_intra_op_threads_gives_the_same_bits(monkeypatch):
         assert torch.equal(one, parts)
 
 
+def test_a_forked_process_gets_helper_threads_of_its_own(monkeypatch):
+    """A fork copies the pool object but none of its threads: work queued there would wait
+    for ever, so the pool is per process id."""
+    import os
+
+    parent = fused_cpu._helpers()
+    assert fused_cpu._helpers() is parent
+    monkeypatch.setattr(os, "getpid", lambda: -1)
+    child = fused_cpu._helpers()
+    assert child is not parent
+    assert child.submit(lambda: 7).result(timeout=60) == 7
+
+
 def test_auto_falls_back_to_torch_ops_without_a_toolchain(monkeypatch):
     import engine.fast_paths as fast_paths
 
