@@ -2,9 +2,9 @@
 
 Every second-order step is mostly 3x3 convolutions run by torch (oneDNN on the CPU). This times
 each direction of one convolution, forward, input gradient and weight gradient, at the paper
-presets' largest shapes, NCHW and channels-last, on one thread, against a 2048x2048 float32
-matmul on one thread and on two threads (one matmul each) measured in the same process: what a
-kernel could reach, and whether this machine's two cores add matmul throughput. Writes
+presets' largest shapes, NCHW and channels-last on one thread and NCHW on two intra-op threads,
+against a 2048x2048 float32 matmul on one thread and on two threads (one matmul each) measured
+in the same process: what a kernel could reach, and how much the second core adds. Writes
 results/conv-rates-DATE.json.
 
     python benchmarks/conv_rates.py
@@ -96,10 +96,13 @@ def main() -> int:
     for shape in SHAPES:
         yardstick["one_thread"].append(round(matmul_rate(1), 1))
         yardstick["two_threads"].append(round(matmul_rate(2), 1))
-        for channels_last in (False, True):
+        for channels_last, threads in ((False, 1), (True, 1), (False, 2)):
+            torch.set_num_threads(threads)
             rows.append(conv_rates(*shape, channels_last))
+            torch.set_num_threads(1)
             r = rows[-1]
-            print(f"{r['shape']} -> {r['out_channels']} {r['layout']}: "
+            r["intra_op_threads"] = threads
+            print(f"{r['shape']} -> {r['out_channels']} {r['layout']} on {threads} thread(s): "
                   + ", ".join(f"{k} {v} GFLOP/s" for k, v in r["gflop_per_s"].items()),
                   flush=True)
     print(f"matmul one thread {yardstick['one_thread']}, two threads "

@@ -1,6 +1,6 @@
 """README's speed table and benchmarks/README's roofline, from the JSON results.
 
-    python benchmarks/speed_table.py [--date 2026-12-01]
+    python benchmarks/speed_table.py [--date 2026-12-01] [--prefer split,fused]
 
 Reads, per paper preset, results/vs-reference-PRESET-DATE.json (mamlpp's default path and the
 paper authors' code, second order with every step's loss, and validation, alternated round by
@@ -61,12 +61,16 @@ def _reference_hours(preset: str, s_per_iter: float, s_per_task: float) -> float
     return estimate(cfg, every, s_per_task)["total_hours"]
 
 
-def rows(date: str) -> list[dict]:
+def rows(date: str, prefer: tuple[str, ...] = ()) -> list[dict]:
+    """`prefer`: suffixes of later measurements (results/vs-reference-PRESET-DATE-SUFFIX.json),
+    the first a preset has taken over the date's plain file."""
     whole = _whole_runs(date)
     bench_flops = _bench_flops(date)
     out = []
     for preset in PRESETS:
-        path = RESULTS / f"vs-reference-{preset}-{date}.json"
+        candidates = [RESULTS / f"vs-reference-{preset}-{date}-{s}.json" for s in prefer]
+        path = next((p for p in candidates if p.exists()),
+                    RESULTS / f"vs-reference-{preset}-{date}.json")
         if not path.exists() or preset not in whole:
             continue
         report = json.loads(path.read_text())
@@ -78,6 +82,7 @@ def rows(date: str) -> list[dict]:
         ref_task = _median(rounds, "reference", "s_per_task")
         out.append({
             "preset": preset,
+            "file": path.name,
             "first": first,
             "second": _median(rounds, "mamlpp", "s_per_iter"),
             "ref_second": ref_iter,
@@ -132,8 +137,11 @@ def roofline(table: list[dict]) -> str:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--date", default="2026-12-01")
+    parser.add_argument("--prefer", default="", metavar="SUFFIX[,SUFFIX...]",
+                        help="use vs-reference-PRESET-DATE-SUFFIX.json where it exists, the "
+                             "first suffix first")
     args = parser.parse_args()
-    table = rows(args.date)
+    table = rows(args.date, tuple(s for s in args.prefer.split(",") if s))
     if not table:
         print(f"error: no vs-reference and whole-run results for {args.date} in {RESULTS}.",
               file=sys.stderr)
@@ -141,6 +149,8 @@ def main() -> int:
     print(speed_table(table))
     print()
     print(roofline(table))
+    print()
+    print("from " + ", ".join(r["file"] for r in table))
     return 0
 
 
