@@ -29,30 +29,33 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections import defaultdict
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
-from profile_step import PAPER_PRESETS, kind_of  # noqa: E402
+from profile_step import PAPER_PRESETS, by_kind, self_us_by_op  # noqa: E402
 from vs_reference import REFERENCE_NAME  # noqa: E402
 
 
-def _shares(prof, steps: int) -> tuple[float, float]:
-    """(seconds per step in convolutions, their share of the profiled self time)."""
-    kinds: dict[str, float] = defaultdict(float)
-    for event in prof.key_averages():
-        kinds[kind_of(event.key)] += event.self_cpu_time_total
-    total = sum(kinds.values())
-    return kinds["convolution"] / 1e6 / steps, kinds["convolution"] / total
+def _profiled(step) -> dict:
+    """One call of `step` under torch.profiler: its wall time, and its convolutions' self time
+    and share of the profiled self time."""
+    from torch.profiler import ProfilerActivity, profile
+
+    start = time.perf_counter()
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        step()
+    wall = time.perf_counter() - start
+    kinds = by_kind(self_us_by_op(prof))
+    return {"step_s": wall, "conv_s": kinds["convolution"] / 1e6,
+            "conv_share": kinds["convolution"] / sum(kinds.values())}
 
 
 def _reference_child(preset: str) -> dict:
     import reference_harness as harness
     import torch
-    from torch.profiler import ProfilerActivity, profile
 
     torch.set_num_threads(1)
     config = os.path.join(harness.HERE, harness.PRESETS[REFERENCE_NAME[preset]]["config"])
@@ -64,18 +67,13 @@ def _reference_child(preset: str) -> dict:
     gen = torch.Generator().manual_seed(1234)
     model.run_train_iter(data_batch=harness.make_batch(args, args.batch_size, gen), epoch=0)
     batch = harness.make_batch(args, args.batch_size, gen)
-    start = time.perf_counter()
-    with profile(activities=[ProfilerActivity.CPU]) as prof:
-        model.run_train_iter(data_batch=batch, epoch=0)  # epoch 0: second order, every loss
-    wall = time.perf_counter() - start
-    conv_s, share = _shares(prof, 1)
-    return {"step_s": wall, "conv_s": conv_s, "conv_share": share}
+    # epoch 0: second order, every step's loss
+    return _profiled(lambda: model.run_train_iter(data_batch=batch, epoch=0))
 
 
 def _mamlpp_child(preset: str) -> dict:
     import torch
     from profile_step import one_thread_learner
-    from torch.profiler import ProfilerActivity, profile
 
     from engine.bench import _update
 
@@ -84,12 +82,7 @@ def _mamlpp_child(preset: str) -> dict:
     t = learner.config.train
     _update(learner, sampler.batch(0, t.meta_batch), weights, True)
     batch = sampler.batch(t.meta_batch, t.meta_batch)
-    start = time.perf_counter()
-    with profile(activities=[ProfilerActivity.CPU]) as prof:
-        _update(learner, batch, weights, True)
-    wall = time.perf_counter() - start
-    conv_s, share = _shares(prof, 1)
-    return {"step_s": wall, "conv_s": conv_s, "conv_share": share,
+    return {**_profiled(lambda: _update(learner, batch, weights, True)),
             "task_group": learner.paths.task_group,
             "fused_kernels": learner.paths.fused_kernels}
 

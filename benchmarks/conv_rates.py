@@ -21,20 +21,12 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from benchmarks.op_timing import best_ms  # noqa: E402
+
 # (images, channels in, side, channels out): query passes of mini-ImageNet's first three
 # stages, a support pass of 5-way 1-shot, Omniglot's 5w5s support and 20w5s query passes
 SHAPES = [(75, 48, 84, 48), (75, 48, 42, 48), (75, 48, 21, 48), (5, 48, 84, 48),
           (25, 64, 28, 64), (100, 64, 28, 64), (100, 64, 14, 64)]
-
-
-def _best_s(fn, repeats: int = 3) -> float:
-    fn()
-    best = float("inf")
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        best = min(best, time.perf_counter() - start)
-    return best
 
 
 def matmul_rate(threads: int, n: int = 2048, repeats: int = 4) -> float:
@@ -73,13 +65,16 @@ def conv_rates(images: int, c_in: int, side: int, c_out: int, channels_last: boo
         return lambda: torch.ops.aten.convolution_backward(
             g, x, w, None, [1, 1], [1, 1], [1, 1], False, [0, 0], 1, mask)
 
-    times = {"forward": _best_s(lambda: F.conv2d(x, w, padding=1)),
-             "input_gradient": _best_s(backward([True, False, False])),
-             "weight_gradient": _best_s(backward([False, True, False]))}
+    def time_ms(fn):  # best of 3 single calls after one warm-up call
+        return best_ms(fn, repeats=3, warmup=1, calls=1)
+
+    ms = {"forward": time_ms(lambda: F.conv2d(x, w, padding=1)),
+          "input_gradient": time_ms(backward([True, False, False])),
+          "weight_gradient": time_ms(backward([False, True, False]))}
     return {"shape": [images, c_in, side, side], "out_channels": c_out,
             "layout": "channels_last" if channels_last else "nchw", "gflop": flops / 1e9,
-            "ms": {k: round(v * 1e3, 2) for k, v in times.items()},
-            "gflop_per_s": {k: round(flops / v / 1e9, 1) for k, v in times.items()}}
+            "ms": {k: round(v, 2) for k, v in ms.items()},
+            "gflop_per_s": {k: round(flops / v / 1e6, 1) for k, v in ms.items()}}
 
 
 def main() -> int:

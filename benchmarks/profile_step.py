@@ -56,6 +56,22 @@ def kind_of(name: str) -> str:
     return OTHER
 
 
+def self_us_by_op(prof) -> dict[str, float]:
+    """torch.profiler's self CPU time (microseconds) per op name."""
+    by_op: dict[str, float] = defaultdict(float)
+    for event in prof.key_averages():
+        by_op[event.key] += event.self_cpu_time_total
+    return by_op
+
+
+def by_kind(by_op: dict[str, float]) -> dict[str, float]:
+    """Those times summed per kind of op (`kind_of`)."""
+    kinds: dict[str, float] = defaultdict(float)
+    for name, us in by_op.items():
+        kinds[kind_of(name)] += us
+    return kinds
+
+
 def one_thread_learner(preset: str):
     """(learner, sampler of synthetic tasks, MSL-phase loss weights): the preset's default path
     with one task thread (tasks still folded where the engine folds them)."""
@@ -95,13 +111,9 @@ def _profile(preset: str, steps: int) -> dict:
         for batch in batches[1:]:
             _update(learner, batch, weights, True)
     wall = (time.perf_counter() - start) / steps
-    self_us: dict[str, float] = defaultdict(float)
-    for event in prof.key_averages():
-        self_us[event.key] += event.self_cpu_time_total
+    self_us = self_us_by_op(prof)
     total_us = sum(self_us.values())
-    kinds: dict[str, float] = defaultdict(float)
-    for name, us in self_us.items():
-        kinds[kind_of(name)] += us
+    kinds = by_kind(self_us)
     conv_s = kinds["convolution"] / 1e6 / steps
     top = sorted(self_us.items(), key=lambda kv: -kv[1])[:15]
     result = {
