@@ -32,12 +32,9 @@ import os
 import re
 import signal
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import torch
 from safetensors import SafetensorError
-from safetensors.torch import load as st_load
-from safetensors.torch import save as st_save
 
 from engine.errors import UserError
 from engine.events import json_safe
@@ -49,6 +46,11 @@ from engine.run_store import (
     write_temp,
 )
 from engine.selection import top_k_epochs
+
+# torch is imported where tensors are handled: the CLI's run tables read sidecars and pointers
+# through this module, and `mamlpp runs` / `show` must not wait seconds for torch.
+if TYPE_CHECKING:
+    import torch
 
 LATEST = "latest.json"
 TENSOR_EXT = ".safetensors"
@@ -115,6 +117,8 @@ def _paths(directory: Path, name: str) -> tuple[Path, Path]:
 
 def _prepare(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """Detached, CPU, contiguous tensors that own their memory (what safetensors needs)."""
+    import torch
+
     out = {}
     for key, value in tensors.items():
         if not isinstance(key, str) or not isinstance(value, torch.Tensor):
@@ -135,6 +139,8 @@ def save_checkpoint(directory: Path, name: str, tensors: dict[str, torch.Tensor]
     directory.mkdir(parents=True, exist_ok=True)
     remove_stale_temps(directory)
     tensor_path, sidecar_path = _paths(directory, name)
+    from safetensors.torch import save as st_save
+
     data = st_save(_prepare(tensors))
     sidecar = dict(json_safe(meta))
     sidecar.update(file=tensor_path.name, size=len(data), sha256=hashlib.sha256(data).hexdigest())
@@ -226,6 +232,8 @@ def load_checkpoint(directory: Path, name: str) -> tuple[dict[str, torch.Tensor]
         raise bad(f"wrong size ({len(data)} bytes, expected {size})")
     if hashlib.sha256(data).hexdigest() != meta["sha256"]:
         raise bad("sha256 mismatch, the file was modified or corrupted")
+    from safetensors.torch import load as st_load
+
     try:
         tensors = st_load(data)
     except (SafetensorError, ValueError) as e:

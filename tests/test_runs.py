@@ -7,6 +7,8 @@ import math
 import os
 import random
 import signal
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -77,6 +79,32 @@ def test_foreground_run_writes_the_run_directory(home, finished):
     assert listed[finished]["iteration"] == 12
     shown = json.loads(mamlpp(home, "show", finished[:12], "--json").stdout)
     assert [h["epoch"] for h in shown["val_history"]] == [0, 1, 2]
+
+# Runs `mamlpp ARGS` and says on its last line whether torch was imported on the way.
+WITHOUT_TORCH = """
+import sys
+from mamlpp_tui.cli import main
+try:
+    main(sys.argv[1:])
+finally:
+    print("torch imported:", "torch" in sys.modules)
+"""
+
+
+@pytest.mark.parametrize("args", [("runs",), ("runs", "--json"), ("show", "RUN"),
+                                  ("show", "RUN", "--json"), ("presets",), ("--help",)],
+                         ids=" ".join)
+def test_run_tables_answer_without_importing_torch(home, finished, args):
+    """Listing and showing runs read JSON files only, so they must not pay torch's import
+    (seconds on a small machine): the CLI imports torch inside the commands that compute."""
+    args = [finished if a == "RUN" else a for a in args]
+    r = subprocess.run([sys.executable, "-c", WITHOUT_TORCH, *args], capture_output=True,
+                       text=True, timeout=120, env=dict(os.environ, MAMLPP_HOME=str(home),
+                                                        COLUMNS="200"))
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.splitlines()[-1] == "torch imported: False", r.stdout
+    if args[0] in ("runs", "show"):
+        assert finished in r.stdout
 
 
 def test_ensemble_uses_top_k_epochs_and_averaged_logits(home, finished):

@@ -8,14 +8,32 @@
     fetch_omniglot / import_miniimagenet / dataset_info   what `mamlpp data ...` calls
 """
 
-from engine.data.cache import FewShotDataset, load_cached
-from engine.data.datasets import dataset_info, load_dataset, require_dataset
-from engine.data.miniimagenet import import_miniimagenet
-from engine.data.omniglot import convert_omniglot, fetch_omniglot
-from engine.data.progress import LineReporter, Reporter
-from engine.data.quickstart import build_quickstart
-from engine.data.sampler import Prefetcher, TaskSampler, sampler_for, task_seed
-from engine.tasks import TaskBatch
+from __future__ import annotations
+
+import importlib
+
+# Imported on first use (PEP 562): `mamlpp --help`, `runs`, `show` and the other commands that
+# touch no data must not pay torch's import through this package (engine.data.progress is
+# imported by the CLI at start-up, which imports this package first).
+_WHERE = {
+    "FewShotDataset": "cache", "load_cached": "cache",
+    "dataset_info": "datasets", "load_dataset": "datasets", "require_dataset": "datasets",
+    "import_miniimagenet": "miniimagenet",
+    "convert_omniglot": "omniglot", "fetch_omniglot": "omniglot",
+    "LineReporter": "progress", "Reporter": "progress",
+    "build_quickstart": "quickstart",
+    "Prefetcher": "sampler", "TaskSampler": "sampler", "sampler_for": "sampler",
+    "task_seed": "sampler",
+}
+
+
+def __getattr__(name: str):
+    if name == "TaskBatch":
+        from engine.tasks import TaskBatch
+        return TaskBatch
+    if name in _WHERE:
+        return getattr(importlib.import_module(f"engine.data.{_WHERE[name]}"), name)
+    raise AttributeError(f"module 'engine.data' has no attribute {name!r}")
 
 __all__ = [
     "FewShotDataset",
