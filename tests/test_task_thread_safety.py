@@ -4,8 +4,8 @@ A meta-batch of 3 tasks in parts of 2 (folded: the first thing it does is `repea
 with the GIL released) and 1 (its first op is `first_conv`'s autograd.Function on the leaf
 weight, GIL held) on two threads made torch wait for a leaf's mutex while holding the GIL in
 one thread and for the GIL while holding that mutex in the other (engine/meta_batch.py
-`_aliased`). Before the fix this script froze within 0-140 steps in each of 4 runs; a frozen
-process holds the GIL, so it runs in a subprocess that the test can time out."""
+`_aliased`). Before the fix this script froze within 0-140 steps in each of 4 runs, so it runs
+200; a frozen process holds the GIL, so it runs in a subprocess that the test can time out."""
 
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-STEPS = 400
+STEPS = 200
 
 SCRIPT = r"""
 import sys
