@@ -37,7 +37,7 @@ def build():
     return fused_cpu
 
 
-def _ops(ext) -> list[dict]:
+def _ops(kernels) -> list[dict]:
     from engine.batch_norm import _BatchNormBackward, _BatchNormPool
 
     def engine_forward(x, w, b):
@@ -45,42 +45,42 @@ def _ops(ext) -> list[dict]:
 
     rows = []
     for shape in SHAPES:
-        rows.append(_op_row(ext, shape, engine_forward, _BatchNormBackward.forward))
+        rows.append(_op_row(kernels, shape, engine_forward, _BatchNormBackward.forward))
         f, bk = rows[-1]["forward_ms"], rows[-1]["backward_ms"]
         print(f"{list(shape)}: forward {f['engine']} -> {f['fused']} ms, backward "
               f"{bk['engine']} -> {bk['fused']} ms", flush=True)
     return rows
 
 
-def _op_row(ext, shape, engine_forward, engine_backward) -> dict:
+def _op_row(kernels, shape, engine_forward, engine_backward) -> dict:
     import torch
 
     x = torch.randn(shape) * 2 + 1
     w, b = torch.rand(shape[1]) + 0.5, torch.rand(shape[1])
     want = engine_forward(x, w, b)
-    got = ext.forward(x, w, b, EPS)
+    got = kernels.forward(x, w, b, EPS)
     codes_differ = (want[3] != got[3]).float().mean().item()
     assert torch.allclose(got[0], want[0], rtol=1e-5, atol=1e-5) and codes_differ < 1e-4
     args = (torch.randn_like(want[0]), x, w, want[1], want[2], want[3])
-    for a, r in zip(ext.backward(*args), engine_backward(*args[:5], EPS, want[3])):
+    for a, r in zip(kernels.backward(*args), engine_backward(*args[:5], EPS, want[3])):
         assert torch.allclose(a, r, rtol=1e-4, atol=1e-4 * r.abs().max().item())
     return {"shape": list(shape), "codes_differing": codes_differ,
             "forward_ms": {"engine": best_ms(lambda: engine_forward(x, w, b), warmup=1),
-                           "fused": best_ms(lambda: ext.forward(x, w, b, EPS), warmup=1)},
+                           "fused": best_ms(lambda: kernels.forward(x, w, b, EPS), warmup=1)},
             "backward_ms": {"engine": best_ms(lambda: engine_backward(*args[:5], EPS, want[3]),
                                               warmup=1),
-                            "fused": best_ms(lambda: ext.backward(*args), warmup=1)}}
+                            "fused": best_ms(lambda: kernels.backward(*args), warmup=1)}}
 
 
-def _split_ops(ext) -> list[dict]:
+def _split_ops(kernels) -> list[dict]:
     """One call on one thread against the same call split over the calling thread's intra-op
     threads (engine/fused_cpu.py's `_over_channels`), at the shapes that split."""
     import torch
 
     rows = []
     for shape in SHAPES:
-        if torch.Size(shape).numel() >= ext.PARALLEL_MIN_ELEMENTS:
-            rows.append(_split_row(ext, shape))
+        if torch.Size(shape).numel() >= kernels.PARALLEL_MIN_ELEMENTS:
+            rows.append(_split_row(kernels, shape))
             f, bk = rows[-1]["forward_ms"], rows[-1]["backward_ms"]
             print(f"{list(shape)} on {rows[-1]['threads']} threads: forward {f['one_call']} -> "
                   f"{f['split']} ms, backward {bk['one_call']} -> {bk['split']} ms split",
@@ -88,24 +88,24 @@ def _split_ops(ext) -> list[dict]:
     return rows
 
 
-def _split_row(ext, shape) -> dict:
+def _split_row(kernels, shape) -> dict:
     import torch
 
     x = torch.randn(shape) * 2 + 1
     w, b = torch.rand(shape[1]) + 0.5, torch.rand(shape[1])
-    _, mean, invstd, codes = ext.forward(x, w, b, EPS)
+    _, mean, invstd, codes = kernels.forward(x, w, b, EPS)
     g = torch.randn(codes.shape)
     row = {"shape": list(shape), "threads": torch.get_num_threads(),
            "forward_ms": {}, "backward_ms": {}}
-    default = ext.PARALLEL_MIN_ELEMENTS
+    default = kernels.PARALLEL_MIN_ELEMENTS
     try:
         for name, limit in (("one_call", 1 << 62), ("split", default)):
-            ext.PARALLEL_MIN_ELEMENTS = limit
-            row["forward_ms"][name] = best_ms(lambda: ext.forward(x, w, b, EPS), warmup=1)
+            kernels.PARALLEL_MIN_ELEMENTS = limit
+            row["forward_ms"][name] = best_ms(lambda: kernels.forward(x, w, b, EPS), warmup=1)
             row["backward_ms"][name] = best_ms(
-                lambda: ext.backward(g, x, w, mean, invstd, codes), warmup=1)
+                lambda: kernels.backward(g, x, w, mean, invstd, codes), warmup=1)
     finally:
-        ext.PARALLEL_MIN_ELEMENTS = default
+        kernels.PARALLEL_MIN_ELEMENTS = default
     return row
 
 
@@ -152,12 +152,12 @@ def main() -> int:
     from engine.bench import device_info, write_report
 
     retain_freed_memory()
-    ext = build()
+    kernels = build()
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
-    ops = _ops(ext)
+    ops = _ops(kernels)
     torch.set_num_threads(threads)
-    split = _split_ops(ext)
+    split = _split_ops(kernels)
     steps = [] if args.ops_only else [
         _steps(p, args.rounds)
         for p in args.preset or ["omniglot-5w1s", "miniimagenet-5w1s", "miniimagenet-5w5s"]]
