@@ -1,6 +1,6 @@
 """README's speed table and benchmarks/README's roofline, from the JSON results.
 
-    python benchmarks/speed_table.py [--date 2026-12-01] [--prefer split,fused]
+    python benchmarks/speed_table.py [--date 2026-12-02,2026-12-01] [--prefer split,fused]
 
 Reads, per paper preset, results/vs-reference-PRESET-DATE.json (mamlpp's default path and the
 paper authors' code, second order with every step's loss, and validation, alternated round by
@@ -8,7 +8,8 @@ round) and the results/whole-run-*DATE.json files (`mamlpp bench --whole-run`: m
 first-order step and its whole schedule). The reference code's whole run is the same estimate
 (engine.whole_run.estimate) on its schedule, second order throughout, with its measured
 every-step-loss step for every iteration: an upper bound, since after the MSL epochs it
-computes the last step's loss alone. Prints both tables as Markdown.
+computes the last step's loss alone. Prints both tables as Markdown. With several dates each
+preset takes its figures from the first date that has them.
 """
 
 from __future__ import annotations
@@ -35,19 +36,25 @@ def _median(rounds: list[dict], side: str, key: str) -> float | None:
     return statistics.median(values) if values else None
 
 
-def _whole_runs(date: str) -> dict[str, dict]:
+def _whole_runs(dates: tuple[str, ...]) -> dict[str, dict]:
     runs = {}
-    for path in sorted(RESULTS.glob(f"whole-run-*{date}.json")):
+    for path in _newest_first(dates, "whole-run-*{}.json"):
         for run in json.loads(path.read_text())["runs"]:
             if not run.get("overrides"):
                 runs[run["preset"]] = run
     return runs
 
 
-def _bench_flops(date: str) -> dict[str, tuple[float, float | None]]:
+def _newest_first(dates: tuple[str, ...], pattern: str) -> list[Path]:
+    """Result files of the dates, read in this order a later one overrides an earlier one:
+    the first date last, a date's files in name order."""
+    return [p for date in reversed(dates) for p in sorted(RESULTS.glob(pattern.format(date)))]
+
+
+def _bench_flops(dates: tuple[str, ...]) -> dict[str, tuple[float, float | None]]:
     """FLOPs of a second-order step and the matmul yardstick from `mamlpp bench` reports."""
     out = {}
-    for path in sorted(RESULTS.glob(f"cpu-*{date}.json")):
+    for path in _newest_first(dates, "cpu-*{}.json"):
         for row in json.loads(path.read_text()).get("results", []):
             second = row.get("train", {}).get("second") or {}
             if second.get("flops_per_iter"):
@@ -61,17 +68,18 @@ def _reference_hours(preset: str, s_per_iter: float, s_per_task: float) -> float
     return estimate(cfg, every, s_per_task)["total_hours"]
 
 
-def rows(date: str, prefer: tuple[str, ...] = ()) -> list[dict]:
-    """`prefer`: suffixes of later measurements (results/vs-reference-PRESET-DATE-SUFFIX.json),
-    the first a preset has taken over the date's plain file."""
-    whole = _whole_runs(date)
-    bench_flops = _bench_flops(date)
+def rows(dates: tuple[str, ...], prefer: tuple[str, ...] = ()) -> list[dict]:
+    """`dates`: the first that has a preset's result gives it. `prefer`: suffixes of later
+    measurements of a date (results/vs-reference-PRESET-DATE-SUFFIX.json), the first a preset
+    has taken over the date's plain file."""
+    whole = _whole_runs(dates)
+    bench_flops = _bench_flops(dates)
     out = []
     for preset in PRESETS:
-        candidates = [RESULTS / f"vs-reference-{preset}-{date}-{s}.json" for s in prefer]
-        path = next((p for p in candidates if p.exists()),
-                    RESULTS / f"vs-reference-{preset}-{date}.json")
-        if not path.exists() or preset not in whole:
+        candidates = [RESULTS / f"vs-reference-{preset}-{date}{s}.json"
+                      for date in dates for s in (*(f"-{s}" for s in prefer), "")]
+        path = next((p for p in candidates if p.exists()), None)
+        if path is None or preset not in whole:
             continue
         report = json.loads(path.read_text())
         rounds = report["rounds"]
@@ -136,12 +144,15 @@ def roofline(table: list[dict]) -> str:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--date", default="2026-12-01")
+    parser.add_argument("--date", default="2026-12-01", metavar="DATE[,DATE...]",
+                        help="the results' dates; with several, each preset's figures come "
+                             "from the first date that has them")
     parser.add_argument("--prefer", default="", metavar="SUFFIX[,SUFFIX...]",
                         help="use vs-reference-PRESET-DATE-SUFFIX.json where it exists, the "
                              "first suffix first")
     args = parser.parse_args()
-    table = rows(args.date, tuple(s for s in args.prefer.split(",") if s))
+    table = rows(tuple(d for d in args.date.split(",") if d),
+                 tuple(s for s in args.prefer.split(",") if s))
     if not table:
         print(f"error: no vs-reference and whole-run results for {args.date} in {RESULTS}.",
               file=sys.stderr)
