@@ -3,9 +3,13 @@ minutes by more than the differences measured, and alternating cancels it."""
 
 from __future__ import annotations
 
+import json
 import statistics
+import subprocess
+import tempfile
 import time
 from collections.abc import Callable
+from pathlib import Path
 
 
 def alternate(step: Callable[[str, object], None], names: list[str], sampler, meta_batch: int,
@@ -28,3 +32,13 @@ def alternate(step: Callable[[str, object], None], names: list[str], sampler, me
 def median_speedup(seconds: dict[str, list[float]], base: str, name: str) -> float:
     """The median over rounds of base's time over name's: > 1 when `name` is faster."""
     return statistics.median(a / b for a, b in zip(seconds[base], seconds[name]))
+
+
+def child_json(argv: list[str], cwd: str | Path, env: dict[str, str] | None = None) -> dict:
+    """What a fresh process measured: runs `argv --child-out FILE` in `cwd` and returns the JSON
+    it wrote to FILE (its stdout is free for progress; a failure raises with its stderr)."""
+    with tempfile.TemporaryDirectory() as tmp:
+        out = Path(tmp) / "child.json"
+        subprocess.run([*argv, "--child-out", str(out)], check=True, capture_output=True,
+                       text=True, cwd=cwd, env=env)
+        return json.loads(out.read_text())

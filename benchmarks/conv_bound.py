@@ -25,9 +25,7 @@ import argparse
 import json
 import os
 import statistics
-import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -37,6 +35,8 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 
 from profile_step import PAPER_PRESETS, by_kind, self_us_by_op  # noqa: E402
 from vs_reference import REFERENCE_NAME  # noqa: E402
+
+from benchmarks.alternating import child_json  # noqa: E402
 
 
 def _profiled(step) -> dict:
@@ -88,14 +88,9 @@ def _mamlpp_child(preset: str) -> dict:
 
 
 def _child(side: str, preset: str) -> dict:
-    with tempfile.TemporaryDirectory() as tmp:
-        out = Path(tmp) / "child.json"
-        env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1")
-        cwd = os.environ["MAMLPP_REFERENCE_DIR"] if side == "reference" else str(ROOT)
-        subprocess.run([sys.executable, __file__, "--child", side, "--preset", preset,
-                        "--child-out", str(out)],
-                       check=True, capture_output=True, text=True, cwd=cwd, env=env)
-        return json.loads(out.read_text())
+    cwd = os.environ["MAMLPP_REFERENCE_DIR"] if side == "reference" else str(ROOT)
+    return child_json([sys.executable, __file__, "--child", side, "--preset", preset], cwd,
+                      dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1"))
 
 
 def main() -> int:

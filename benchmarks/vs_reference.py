@@ -28,6 +28,10 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from benchmarks.alternating import child_json  # noqa: E402
+
 HARNESS = ROOT / "benchmarks" / "reference_harness.py"
 # the harness's preset names
 REFERENCE_NAME = {"omniglot-5w1s": "omniglot-5w1s", "omniglot-5w5s": "omniglot-5w5s",
@@ -37,14 +41,9 @@ REFERENCE_NAME = {"omniglot-5w1s": "omniglot-5w1s", "omniglot-5w5s": "omniglot-5
 
 
 def _reference(preset: str, phase: str, iters: int, tasks: int) -> dict:
-    with tempfile.TemporaryDirectory() as tmp:
-        out = Path(tmp) / "child.json"
-        subprocess.run([sys.executable, str(HARNESS), "--child", "--preset",
-                        REFERENCE_NAME[preset], "--phase", phase, "--iters", str(iters),
-                        "--val-tasks", str(tasks), "--child-out", str(out)],
-                       check=True, capture_output=True, text=True,
-                       cwd=os.environ["MAMLPP_REFERENCE_DIR"])
-        return json.loads(out.read_text())
+    return child_json([sys.executable, str(HARNESS), "--child", "--preset",
+                       REFERENCE_NAME[preset], "--phase", phase, "--iters", str(iters),
+                       "--val-tasks", str(tasks)], os.environ["MAMLPP_REFERENCE_DIR"])
 
 
 def _mamlpp(preset: str, iters: int, tasks: int) -> dict:
