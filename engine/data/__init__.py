@@ -28,12 +28,12 @@ _WHERE = {
 
 
 def __getattr__(name: str):
-    if name == "TaskBatch":
-        from engine.tasks import TaskBatch
-        return TaskBatch
+    if name == "TaskBatch":  # re-exported from engine.tasks
+        return importlib.import_module("engine.tasks").TaskBatch
     if name in _WHERE:
         return getattr(importlib.import_module(f"engine.data.{_WHERE[name]}"), name)
     raise AttributeError(f"module 'engine.data' has no attribute {name!r}")
+
 
 __all__ = [
     "FewShotDataset",
