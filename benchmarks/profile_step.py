@@ -72,6 +72,45 @@ def by_kind(by_op: dict[str, float]) -> dict[str, float]:
     return kinds
 
 
+def _conv_flops(name: str, shapes: list, args: list) -> int:
+    """Multiply-adds x 2 of one convolution call from its recorded input shapes and arguments
+    (a backward counts one forward's worth per gradient it computes)."""
+    if name == "aten::convolution_backward":  # (grad_out, input, weight, ..., output_mask)
+        (n, o, ho, wo), w = shapes[0], shapes[2]
+        return 2 * n * o * ho * wo * w[1] * w[2] * w[3] * sum(bool(m) for m in args[10][:2])
+    (n, c, h, wi), w = shapes[0], shapes[1]
+    if name == "aten::_convolution":  # transposed: every input value meets O/g x kh x kw
+        return 2 * n * c * h * wi * w[1] * w[2] * w[3]
+    padding, stride, dilation = args[3], args[4], args[5]  # mkldnn_convolution
+    ho = (h + 2 * padding[0] - dilation[0] * (w[2] - 1) - 1) // stride[0] + 1
+    wo = (wi + 2 * padding[1] - dilation[1] * (w[3] - 1) - 1) // stride[1] + 1
+    return 2 * n * w[0] * ho * wo * w[1] * w[2] * w[3]
+
+
+def conv_calls(prof, steps: int, top: int = 12) -> list[dict]:
+    """The convolution calls that take most self time, by op and input shapes: calls per step,
+    share of the step's self time and GFLOP/s. aten::_convolution counts only transposed (its
+    oneDNN deconvolution runs inside it, not as an op of its own)."""
+    total = sum(e.self_cpu_time_total for e in prof.key_averages())
+    calls: dict = defaultdict(lambda: [0, 0.0, 0])
+    for e in prof.events():
+        args = list(getattr(e, "concrete_inputs", []) or [])
+        if e.name not in ("aten::mkldnn_convolution", "aten::convolution_backward",
+                          "aten::_convolution"):
+            continue
+        if e.name == "aten::_convolution" and not (len(args) > 6 and args[6] is True):
+            continue
+        shapes = [list(s) for s in e.input_shapes]
+        c = calls[(e.name, str(shapes[:3]))]
+        c[0] += 1
+        c[1] += e.self_cpu_time_total
+        c[2] += _conv_flops(e.name, shapes, args)
+    rows = sorted(calls.items(), key=lambda kv: -kv[1][1])[:top]
+    return [{"op": op, "input_shapes": shapes, "calls_per_step": n // steps,
+             "share": round(us / total, 4), "gflop_per_s": round(flops / us / 1e3, 1)}
+            for (op, shapes), (n, us, flops) in rows]
+
+
 def one_thread_learner(preset: str):
     """(learner, sampler of synthetic tasks, MSL-phase loss weights): the preset's default path
     with one task thread (tasks still folded where the engine folds them)."""
@@ -107,7 +146,7 @@ def _profile(preset: str, steps: int) -> dict:
     conv_flops = sum(int(v) for k, v in by_op.items() if "convolution" in str(k))
     total_flops = sum(int(v) for v in by_op.values())
     start = time.perf_counter()
-    with profile(activities=[ProfilerActivity.CPU]) as prof:
+    with profile(activities=[ProfilerActivity.CPU], record_shapes=True) as prof:
         for batch in batches[1:]:
             _update(learner, batch, weights, True)
     wall = (time.perf_counter() - start) / steps
@@ -126,6 +165,7 @@ def _profile(preset: str, steps: int) -> dict:
         "share_by_kind": {k: round(v / total_us, 4)
                           for k, v in sorted(kinds.items(), key=lambda kv: -kv[1])},
         "top_ops": [{"op": k, "share": round(v / total_us, 4)} for k, v in top],
+        "conv_calls": conv_calls(prof, steps),
     }
     shares = ", ".join(f"{k} {v:.0%}" for k, v in result["share_by_kind"].items())
     print(f"{preset}: {wall:.2f} s/step on one thread (profiled), convolutions "
