@@ -80,6 +80,7 @@ def test_foreground_run_writes_the_run_directory(home, finished):
     shown = json.loads(mamlpp(home, "show", finished[:12], "--json").stdout)
     assert [h["epoch"] for h in shown["val_history"]] == [0, 1, 2]
 
+
 # Runs `mamlpp ARGS` and says on its last line whether torch was imported on the way.
 WITHOUT_TORCH = """
 import sys
