@@ -12,7 +12,8 @@ codes; tests/test_fused_cpu.py checks it against float64.
 
 A call on a thread with several torch intra-op threads (the engine's single task thread of
 mini-ImageNet's second-order steps) splits a large tensor's channels across that many threads,
-as torch's own ops would use them; task threads run with one and never split.
+as torch's own ops would use them; task threads share the cores (one intra-op thread each where
+there is a task thread per core) and split only what their own count allows.
 
 The C file has no dependency but libm: it is compiled once (about a second, with the C compiler
 `$CC` or `cc`) into the user cache folder, under a name that carries its source's hash, and
@@ -42,6 +43,7 @@ from torch._C._functorch import is_batchedtensor
 
 from engine.errors import UserError
 from engine.max_pool import MAX_CODED_WIDTH
+from engine.task_threads import shared_pool
 
 log = logging.getLogger(__name__)
 
@@ -51,7 +53,6 @@ _CFLAGS, _LIBS = ["-O3", "-shared", "-fPIC"], ["-lm"]
 PARALLEL_MIN_ELEMENTS = 2**20
 _lock = threading.Lock()
 _state: dict = {"lib": None, "error": None}
-_pool: dict = {}
 
 
 def _compiler() -> str:
@@ -118,29 +119,24 @@ def _bind(lib: ctypes.CDLL) -> ctypes.CDLL:
 def _over_channels(x: torch.Tensor, call) -> None:
     """Run `call(c0, c1)` over all of x's channels, split across as many threads as the calling
     thread's torch intra-op count where the tensor is large enough to repay the hand-off (task
-    threads run with one, so they never split). Channels are independent: the results are the
-    same however they are split."""
+    threads of a two-core machine run with one, so they never split). Channels are independent:
+    the results are the same however they are split."""
     channels = x.shape[1]
     threads = min(torch.get_num_threads(), channels) if x.numel() >= PARALLEL_MIN_ELEMENTS else 1
     if threads <= 1:
         call(0, channels)
         return
     bounds = [channels * i // threads for i in range(threads + 1)]
-    others = [_helpers().submit(call, bounds[i], bounds[i + 1]) for i in range(1, threads)]
+    helpers = _helpers()
+    others = [helpers.submit(call, bounds[i], bounds[i + 1]) for i in range(1, threads)]
     call(bounds[0], bounds[1])
     for done in others:
         done.result()
 
 
 def _helpers() -> ThreadPoolExecutor:
-    """The threads that take the other parts of a split call: one pool per process (a forked
-    child has none of its parent's threads, so it makes its own)."""
-    with _lock:
-        if _pool.get("pid") != os.getpid():
-            _pool["pid"] = os.getpid()
-            _pool["executor"] = ThreadPoolExecutor(
-                max_workers=max(1, (os.cpu_count() or 2) - 1), thread_name_prefix="mamlpp-fused")
-        return _pool["executor"]
+    """The threads that take the other parts of a split call (the caller takes the first)."""
+    return shared_pool("fused", max(1, (os.cpu_count() or 2) - 1))
 
 
 def applies(x: torch.Tensor) -> bool:

@@ -20,6 +20,7 @@ thread that had run a single parallel op slowed a plain omniglot-5w1s second-ord
 
 from __future__ import annotations
 
+import os
 import threading
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -28,8 +29,20 @@ from typing import Any
 
 import torch
 
-_pools: dict[int, ThreadPoolExecutor] = {}
+_pools: dict[tuple[int, str, int], ThreadPoolExecutor] = {}
 _lock = threading.Lock()
+
+
+def shared_pool(name: str, workers: int) -> ThreadPoolExecutor:
+    """The process's pool `name` of `workers` threads, made on first use and kept. Per process
+    id: a forked child has none of its parent's threads, so work queued on the pool object it
+    copied would wait for ever. Per name: a pool's threads may wait on another pool's work
+    (task threads on engine/fused_cpu.py's helpers), never on their own pool's."""
+    key = (os.getpid(), name, workers)
+    with _lock:
+        if key not in _pools:
+            _pools[key] = ThreadPoolExecutor(workers, thread_name_prefix=f"mamlpp-{name}")
+        return _pools[key]
 
 
 def auto_workers(device: torch.device) -> int:
@@ -75,8 +88,7 @@ def task_threads(workers: int, parts: int) -> Iterator[Any]:
     if workers <= 1:
         yield _Sequential
         return
-    with _lock:
-        pool = _pools.get(workers) or _pools.setdefault(workers, ThreadPoolExecutor(workers))
+    pool = shared_pool("tasks", workers)
     threads = torch.get_num_threads()
     torch.set_num_threads(max(1, threads // workers))
     try:

@@ -156,16 +156,24 @@ def test_a_call_split_over_intra_op_threads_gives_the_same_bits(monkeypatch):
 
 
 def test_a_forked_process_gets_helper_threads_of_its_own(monkeypatch):
-    """A fork copies the pool object but none of its threads: work queued there would wait
-    for ever, so the pool is per process id."""
+    """A fork copies the pool objects but none of their threads: work queued there would wait
+    for ever, so the kernels' helpers and the task threads' pools are per process id."""
     import os
 
-    parent = fused_cpu._helpers()
-    assert fused_cpu._helpers() is parent
+    from engine.task_threads import task_threads
+
+    def task_pool():
+        with task_threads(2, 2) as pool:
+            return pool
+
+    parent, parent_tasks = fused_cpu._helpers(), task_pool()
+    assert fused_cpu._helpers() is parent and task_pool() is parent_tasks
     monkeypatch.setattr(os, "getpid", lambda: -1)
-    child = fused_cpu._helpers()
-    assert child is not parent
+    child, child_tasks = fused_cpu._helpers(), task_pool()
+    assert child is not parent and child_tasks is not parent_tasks
+    assert child is not child_tasks  # a task thread may wait on helpers
     assert child.submit(lambda: 7).result(timeout=60) == 7
+    assert list(child_tasks.map(lambda v: v + 1, [1, 2])) == [2, 3]
 
 
 def test_auto_falls_back_to_torch_ops_without_a_toolchain(monkeypatch):
