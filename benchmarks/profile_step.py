@@ -87,11 +87,10 @@ def _conv_flops(name: str, shapes: list, args: list) -> int:
     return 2 * n * w[0] * ho * wo * w[1] * w[2] * w[3]
 
 
-def conv_calls(prof, steps: int, top: int = 12) -> list[dict]:
+def conv_calls(prof, steps: int, total_us: float, top: int = 12) -> list[dict]:
     """The convolution calls that take most self time, by op and input shapes: calls per step,
-    share of the step's self time and GFLOP/s. aten::_convolution counts only transposed (its
-    oneDNN deconvolution runs inside it, not as an op of its own)."""
-    total = sum(e.self_cpu_time_total for e in prof.key_averages())
+    share of the profile's self time `total_us` and GFLOP/s. aten::_convolution counts only
+    transposed (its oneDNN deconvolution runs inside it, not as an op of its own)."""
     calls: dict = defaultdict(lambda: [0, 0.0, 0])
     for e in prof.events():
         args = list(getattr(e, "concrete_inputs", []) or [])
@@ -107,7 +106,7 @@ def conv_calls(prof, steps: int, top: int = 12) -> list[dict]:
         c[2] += _conv_flops(e.name, shapes, args)
     rows = sorted(calls.items(), key=lambda kv: -kv[1][1])[:top]
     return [{"op": op, "input_shapes": shapes, "calls_per_step": n // steps,
-             "share": round(us / total, 4), "gflop_per_s": round(flops / us / 1e3, 1)}
+             "share": round(us / total_us, 4), "gflop_per_s": round(flops / us / 1e3, 1)}
             for (op, shapes), (n, us, flops) in rows]
 
 
@@ -165,7 +164,7 @@ def _profile(preset: str, steps: int) -> dict:
         "share_by_kind": {k: round(v / total_us, 4)
                           for k, v in sorted(kinds.items(), key=lambda kv: -kv[1])},
         "top_ops": [{"op": k, "share": round(v / total_us, 4)} for k, v in top],
-        "conv_calls": conv_calls(prof, steps),
+        "conv_calls": conv_calls(prof, steps, total_us),
     }
     shares = ", ".join(f"{k} {v:.0%}" for k, v in result["share_by_kind"].items())
     print(f"{preset}: {wall:.2f} s/step on one thread (profiled), convolutions "
