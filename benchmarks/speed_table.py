@@ -38,14 +38,14 @@ def _median(rounds: list[dict], side: str, key: str) -> float | None:
 
 def _whole_runs(dates: tuple[str, ...]) -> dict[str, dict]:
     runs = {}
-    for path in _newest_first(dates, "whole-run-*{}.json"):
+    for path in _in_override_order(dates, "whole-run-*{}.json"):
         for run in json.loads(path.read_text())["runs"]:
             if not run.get("overrides"):
                 runs[run["preset"]] = run
     return runs
 
 
-def _newest_first(dates: tuple[str, ...], pattern: str) -> list[Path]:
+def _in_override_order(dates: tuple[str, ...], pattern: str) -> list[Path]:
     """Result files of the dates, read in this order a later one overrides an earlier one:
     the first date last, a date's files in name order."""
     return [p for date in reversed(dates) for p in sorted(RESULTS.glob(pattern.format(date)))]
@@ -54,7 +54,7 @@ def _newest_first(dates: tuple[str, ...], pattern: str) -> list[Path]:
 def _bench_flops(dates: tuple[str, ...]) -> dict[str, tuple[float, float | None]]:
     """FLOPs of a second-order step and the matmul yardstick from `mamlpp bench` reports."""
     out = {}
-    for path in _newest_first(dates, "cpu-*{}.json"):
+    for path in _in_override_order(dates, "cpu-*{}.json"):
         for row in json.loads(path.read_text()).get("results", []):
             second = row.get("train", {}).get("second") or {}
             if second.get("flops_per_iter"):
