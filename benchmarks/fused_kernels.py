@@ -9,7 +9,13 @@ on the same meta-batches, on each preset given; and, on the process's intra-op t
 call against the same call with its channels split across them. Needs a C compiler. Writes
 results/fused-kernels-DATE.json.
 
-    python benchmarks/fused_kernels.py [--preset miniimagenet-5w1s ...] [--rounds 4]
+`--second` measures the compiled second derivative instead (engine/batch_norm.py's
+`_BatchNormBackward.backward`, the derivative of the fused backward that second-order MAML
+takes): per op against the same closed form in torch's ops, and per step with the kernels on
+and the second derivative compiled or in torch's ops, alternating. Writes
+results/fused-second-derivative-DATE.json.
+
+    python benchmarks/fused_kernels.py [--preset miniimagenet-5w1s ...] [--rounds 4] [--second]
 """
 
 from __future__ import annotations
@@ -72,6 +78,47 @@ def _op_row(kernels, shape, engine_forward, engine_backward) -> dict:
                             "fused": best_ms(lambda: kernels.backward(*args), warmup=1)}}
 
 
+def _second_ops(kernels) -> list[dict]:
+    """The second derivative of the fused backward along a random ggx, at each shape on one
+    thread: compiled against torch's ops (checked against each other first)."""
+    rows = []
+    for shape in SHAPES:
+        rows.append(_second_row(kernels, shape))
+        times = rows[-1]["second_derivative_ms"]
+        print(f"{list(shape)}: second derivative {times['torch_ops']} -> {times['compiled']} ms",
+              flush=True)
+    return rows
+
+
+def _second_row(kernels, shape) -> dict:
+    import torch
+
+    from engine import batch_norm
+
+    x = torch.randn(shape) * 2 + 1
+    w, b = torch.rand(shape[1]) + 0.5, torch.rand(shape[1])
+    _, mean, invstd, codes = kernels.forward(x, w, b, EPS)
+    g = torch.randn(codes.shape).requires_grad_()
+    xg, wg = x.clone().requires_grad_(), w.clone().requires_grad_()
+    gx, _, _ = batch_norm._BatchNormBackward.apply(g, xg, wg, mean, invstd, EPS, codes, True)
+    ggx = torch.randn(shape)
+
+    def second():
+        return torch.autograd.grad(gx, (g, xg, wg), ggx, retain_graph=True)
+
+    times, results = {}, {}
+    for name, flag in (("torch_ops", False), ("compiled", True)):
+        batch_norm.COMPILED_SECOND_DERIVATIVE = flag
+        try:
+            results[name] = second()
+            times[name] = best_ms(second, warmup=1)
+        finally:
+            batch_norm.COMPILED_SECOND_DERIVATIVE = True
+    for a, r in zip(results["compiled"], results["torch_ops"]):
+        assert torch.allclose(a, r, rtol=1e-4, atol=1e-4 * r.abs().max().item())
+    return {"shape": list(shape), "second_derivative_ms": times}
+
+
 def _split_ops(kernels) -> list[dict]:
     """One call on one thread against the same call split over the calling thread's intra-op
     threads (engine/fused_cpu.py's `_over_channels`), at the shapes that split."""
@@ -109,8 +156,11 @@ def _split_row(kernels, shape) -> dict:
     return row
 
 
-def _steps(preset: str, rounds: int) -> dict:
+def _steps(preset: str, rounds: int, second: bool = False) -> dict:
+    """Second-order steps alternating between kernels off and on, or (`second`) with the
+    kernels on and the second derivative in torch's ops or compiled."""
     from benchmarks.alternating import alternate, median_speedup
+    from engine import batch_norm
     from engine.bench import synthetic_dataset
     from engine.config import resolve
     from engine.data.sampler import sampler_for
@@ -118,8 +168,10 @@ def _steps(preset: str, rounds: int) -> dict:
     from engine.msl import msl_weights
     from engine.schedule import meta_lr
 
-    configs = {k: resolve(preset, overrides=[f"train.fused_kernels={k}"]) for k in ("off", "on")}
-    cfg = configs["off"]
+    names = ("torch_ops", "compiled") if second else ("off", "on")
+    configs = {k: resolve(preset, overrides=[
+        f"train.fused_kernels={'on' if second else k}"]) for k in names}
+    cfg = configs[names[0]]
     t = cfg.train
     weights = msl_weights(0, t.inner_steps, cfg.maml_pp.msl_epochs, cfg.maml_pp.msl)
     sampler = sampler_for(cfg, "train", synthetic_dataset(cfg))
@@ -127,13 +179,17 @@ def _steps(preset: str, rounds: int) -> dict:
     losses: dict[str, list[float]] = {name: [] for name in learners}
 
     def step(name, batch):
-        metrics = learners[name].update(batch, weights, True, meta_lr(0, cfg))
+        batch_norm.COMPILED_SECOND_DERIVATIVE = name != "torch_ops"
+        try:
+            metrics = learners[name].update(batch, weights, True, meta_lr(0, cfg))
+        finally:
+            batch_norm.COMPILED_SECOND_DERIVATIVE = True
         losses[name].append(metrics.loss)
 
     seconds = alternate(step, list(learners), sampler, t.meta_batch, rounds)
-    ratio = median_speedup(seconds, "off", "on")
-    print(f"{preset} second order: off {statistics.median(seconds['off']):.3f} s, on "
-          f"{statistics.median(seconds['on']):.3f} s, {ratio:.3f}x", flush=True)
+    ratio = median_speedup(seconds, *names)
+    print(f"{preset} second order: {names[0]} {statistics.median(seconds[names[0]]):.3f} s, "
+          f"{names[1]} {statistics.median(seconds[names[1]]):.3f} s, {ratio:.3f}x", flush=True)
     return {"preset": preset, "order": "second", "msl_phase": True,
             "paths": {k: v.paths.to_dict() for k, v in learners.items()}, "seconds": seconds,
             "losses": losses, "speedup_median_ratio": ratio}
@@ -145,6 +201,8 @@ def main() -> int:
     parser.add_argument("--rounds", type=int, default=4)
     parser.add_argument("--out", default=None)
     parser.add_argument("--ops-only", action="store_true", help="skip the whole steps")
+    parser.add_argument("--second", action="store_true",
+                        help="the compiled second derivative against torch's ops")
     args = parser.parse_args()
     import torch
 
@@ -155,14 +213,15 @@ def main() -> int:
     kernels = build()
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
-    ops = _ops(kernels)
+    ops = _second_ops(kernels) if args.second else _ops(kernels)
     torch.set_num_threads(threads)
-    split = _split_ops(kernels)
+    split = [] if args.second else _split_ops(kernels)
     steps = [] if args.ops_only else [
-        _steps(p, args.rounds)
+        _steps(p, args.rounds, args.second)
         for p in args.preset or ["omniglot-5w1s", "miniimagenet-5w1s", "miniimagenet-5w5s"]]
+    name = "fused-second-derivative" if args.second else "fused-kernels"
     path = Path(args.out) if args.out else (
-        ROOT / "benchmarks" / "results" / f"fused-kernels-{time.strftime('%Y-%m-%d')}.json")
+        ROOT / "benchmarks" / "results" / f"{name}-{time.strftime('%Y-%m-%d')}.json")
     write_report({"schema": "mamlpp-fused-kernels/1", "device": device_info("cpu"),
                   "ops_one_thread": ops, "ops_split": split, "steps": steps}, path)
     print(f"wrote {path}")

@@ -27,6 +27,9 @@ from torch.autograd.function import once_differentiable
 
 from engine import fused_cpu, max_pool
 
+# benchmarks/fused_kernels.py switches the compiled second derivative off to time torch's ops
+COMPILED_SECOND_DERIVATIVE = True
+
 
 def _channel(t: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     """A per-channel vector shaped to broadcast against x [N, C, ...]."""
@@ -41,7 +44,8 @@ class _BatchNormBackward(torch.autograd.Function):
     """(gx, gw, gb) of training-mode batch norm, with the closed-form derivatives above. With
     `codes`, `g` is the gradient of the 2x2 max-pool of the output (engine/max_pool.py) and gy
     its scatter, rebuilt when needed rather than kept. `compiled`: the first derivative from
-    engine/fused_cpu.py (with codes only); the second is this module's either way."""
+    engine/fused_cpu.py (with codes only), and the second too wherever ggx is given (it always
+    is in second-order MAML); otherwise the second is the closed form above in torch's ops."""
 
     @staticmethod
     def forward(g, x, w, mean, invstd, eps, codes=None, compiled=False):
@@ -53,9 +57,9 @@ class _BatchNormBackward(torch.autograd.Function):
 
     @staticmethod
     def setup_context(ctx, inputs, output) -> None:
-        g, x, w, mean, invstd, eps, codes, _ = inputs
+        g, x, w, mean, invstd, eps, codes, compiled = inputs
         _, gw, gb = output
-        ctx.eps = eps
+        ctx.eps, ctx.compiled = eps, compiled
         ctx.set_materialize_grads(False)
         ctx.save_for_backward(g, x, w, mean, invstd, gw, gb, codes)
 
@@ -63,6 +67,10 @@ class _BatchNormBackward(torch.autograd.Function):
     @once_differentiable
     def backward(ctx, ggx, ggw, ggb):
         g, x, w, mean, invstd, gw, gb, codes = ctx.saved_tensors
+        if ctx.compiled and ggx is not None and COMPILED_SECOND_DERIVATIVE:
+            d_g, d_x, d_w = fused_cpu.backward2(g, x, w, mean, invstd, codes, gw, gb, ggx, ggw,
+                                                ggb)
+            return d_g, d_x, d_w, None, None, None, None, None
         gy = g if codes is None else max_pool.scatter(g, codes, x.shape, x.dtype)
         m = x.numel() // x.shape[1]
         s = invstd

@@ -11,7 +11,12 @@
    engine/max_pool.py (W < 255). Nothing full-size is written.
    Backward, given the gradient g of the pooled output: gy is g at each window's maximum and zero
    elsewhere, so gb = sum g and gw = sum g * xh over the pooled quarter (xh read at the maxima),
-   and gx = w s (gy - gb / M - xh gw / M) is one pass over x plus the pooled terms. */
+   and gx = w s (gy - gb / M - xh gw / M) is one pass over x plus the pooled terms.
+   Second derivative of that backward (second-order MAML), given the gradients ggx (full size),
+   ggw and ggb (per channel, NULL for none) of (gx, gw, gb): engine/batch_norm.py's closed form
+   (its docstring names A-E and a, b, c, d0), in two passes over x and ggx, the first for the
+   sums C, D and E (E = <ggx gy>, read at the maxima), the second writing d_x and, at each
+   window's maximum, d_gy (the gradient for g, pooled) and d_x's gy term. */
 
 #include <math.h>
 #include <stdint.h>
@@ -104,6 +109,78 @@ void bn_pool_backward(const float* g, const float* x, const float* w, const floa
         for (int64_t ow = 0; ow < OW; ++ow) {
           const int64_t j = oh * OW + ow;
           q[2 * oh * W + 2 * ow + k[j]] += ws * gg[j];
+        }
+    }
+  }
+}
+
+/* sum q and sum q (p - shift) over n elements, float lanes added in double, as lanes_sum */
+static void lanes_sum2(const float* p, const float* q, int64_t n, float shift, double* sq,
+                       double* sqp) {
+  float a[16] = {0}, b[16] = {0};
+  int64_t i = 0;
+  for (; i + 16 <= n; i += 16)
+    for (int l = 0; l < 16; ++l) {
+      a[l] += q[i + l];
+      b[l] += q[i + l] * (p[i + l] - shift);
+    }
+  double s = 0, t = 0;
+  for (int l = 0; l < 16; ++l) {
+    s += a[l];
+    t += b[l];
+  }
+  for (; i < n; ++i) {
+    s += q[i];
+    t += q[i] * (p[i] - shift);
+  }
+  *sq += s;
+  *sqp += t;
+}
+
+void bn_pool_backward2(const float* g, const float* x, const float* w, const float* mean,
+                       const float* invstd, const uint8_t* codes, const float* gw,
+                       const float* gb, const float* ggx, const float* ggw, const float* ggb,
+                       int64_t N, int64_t C, int64_t H, int64_t W, float* d_g, float* d_x,
+                       float* d_w, int64_t c0, int64_t c1) {
+  const int64_t HW = H * W, OH = H / 2, OW = W / 2, OHW = OH * OW, M = N * HW;
+  for (int64_t c = c0; c < c1; ++c) {
+    const float m = mean[c];
+    const double s = invstd[c], wc = w[c];
+    double sc = 0, sd = 0, se = 0;
+    for (int64_t n = 0; n < N; ++n) {
+      const float* q = ggx + (n * C + c) * HW;
+      lanes_sum2(x + (n * C + c) * HW, q, HW, m, &sc, &sd);
+      const float* gg = g + (n * C + c) * OHW;
+      const uint8_t* k = codes + (n * C + c) * OHW;
+      for (int64_t oh = 0; oh < OH; ++oh)
+        for (int64_t ow = 0; ow < OW; ++ow) {
+          const int64_t j = oh * OW + ow;
+          se += gg[j] * q[2 * oh * W + 2 * ow + k[j]];
+        }
+    }
+    const double A = gb[c] / M, B = gw[c] / M, Cm = sc / M, D = sd * s / M, E = se / M;
+    const double ws2 = wc * s * s, gws = ggw ? ggw[c] * s : 0.0, gbc = ggb ? ggb[c] : 0.0;
+    d_w[c] = (float)(M * s * (E - A * Cm - B * D));
+    /* d_x = a xh + b gy + c ggx + d0, with xh = (x - m) s */
+    const float a = (float)((-ws2 * (E - A * Cm - 3 * B * D) - gws * B) * s);
+    const float b = (float)(-ws2 * D + gws), cc = (float)(-ws2 * B);
+    const float d0 = (float)(ws2 * (A * D + B * Cm) - gws * A);
+    /* d_gy = w s (ggx - C - xh D) + ggw xh + ggb, read at the maxima */
+    const float gq = (float)(wc * s), gp = (float)(gws - wc * s * s * D);
+    const float g0 = (float)(gbc - wc * s * Cm);
+    for (int64_t n = 0; n < N; ++n) {
+      const float* p = x + (n * C + c) * HW;
+      const float* q = ggx + (n * C + c) * HW;
+      float* r = d_x + (n * C + c) * HW;
+      for (int64_t i = 0; i < HW; ++i) r[i] = (p[i] - m) * a + q[i] * cc + d0;
+      const float* gg = g + (n * C + c) * OHW;
+      const uint8_t* k = codes + (n * C + c) * OHW;
+      float* o = d_g + (n * C + c) * OHW;
+      for (int64_t oh = 0; oh < OH; ++oh)
+        for (int64_t ow = 0; ow < OW; ++ow) {
+          const int64_t j = oh * OW + ow, at = 2 * oh * W + 2 * ow + k[j];
+          r[at] += b * gg[j];
+          o[j] = q[at] * gq + (p[at] - m) * gp + g0;
         }
     }
   }

@@ -6,9 +6,12 @@ in torch ops is faster (benchmarks/rest_alternatives.py). One C pass per channel
 statistics, normalises, pools and writes only the pooled values and each window's one-byte code;
 its backward takes the batch-norm sums over the pooled quarter (the gradient is zero elsewhere)
 and writes the input gradient in one pass (benchmarks/fused_kernels.py: 4-7x faster forward,
-1.5-2.8x faster backward). Same function as engine/batch_norm.py's `batch_norm_pool` to float32
+1.5-2.8x faster backward). The derivative of that backward, which second-order MAML takes,
+is engine/batch_norm.py's closed form in two passes (sums, then the input's and pooled
+gradient's derivatives; `benchmarks/fused_kernels.py --second`: about 3x faster than the same
+formula in torch's ops). Same function as engine/batch_norm.py's `batch_norm_pool` to float32
 rounding, the same window chosen (the first maximum in scan order, as torch's kernels), the same
-codes; tests/test_fused_cpu.py checks it against float64.
+codes; tests/test_fused_cpu.py checks it, to the second derivative, against float64.
 
 A call on a thread with several torch intra-op threads (the engine's single task thread of
 mini-ImageNet's second-order steps) splits a large tensor's channels across that many threads,
@@ -112,7 +115,10 @@ def _bind(lib: ctypes.CDLL) -> ctypes.CDLL:
     lib.bn_pool_forward.argtypes = [p, p, p, i64, i64, i64, i64, ctypes.c_double, p, p, p, p,
                                     i64, i64]
     lib.bn_pool_backward.argtypes = [p, p, p, p, p, p, i64, i64, i64, i64, p, p, p, i64, i64]
+    lib.bn_pool_backward2.argtypes = [p, p, p, p, p, p, p, p, p, p, p, i64, i64, i64, i64, p, p,
+                                      p, i64, i64]
     lib.bn_pool_forward.restype = lib.bn_pool_backward.restype = None
+    lib.bn_pool_backward2.restype = None
     return lib
 
 
@@ -177,3 +183,22 @@ def backward(g: torch.Tensor, x: torch.Tensor, w: torch.Tensor, mean: torch.Tens
         mean.data_ptr(), invstd.data_ptr(), codes.data_ptr(), n, c, h, wd, gx.data_ptr(),
         gw.data_ptr(), gb.data_ptr()))
     return gx, gw, gb
+
+
+def backward2(g: torch.Tensor, x: torch.Tensor, w: torch.Tensor, mean: torch.Tensor,
+              invstd: torch.Tensor, codes: torch.Tensor, gw: torch.Tensor, gb: torch.Tensor,
+              ggx: torch.Tensor, ggw: torch.Tensor | None, ggb: torch.Tensor | None):
+    """(d_g, d_x, d_w): the derivatives of `backward`'s (gx, gw, gb) along (ggx, ggw, ggb), for
+    its inputs g (pooled), x and w; ggw and ggb may be None (zero)."""
+    g, x, w, mean, invstd, gw, gb, ggx = (_f32(t) for t in (g, x, w, mean, invstd, gw, gb, ggx))
+    ggw, ggb = (None if t is None else _f32(t) for t in (ggw, ggb))
+    codes = codes.contiguous()
+    n, c, h, wd = x.shape
+    d_g, d_x, d_w = torch.empty_like(g), torch.empty_like(x), x.new_empty(c)
+    _over_channels(x, functools.partial(
+        _state["lib"].bn_pool_backward2, g.data_ptr(), x.data_ptr(), w.data_ptr(),
+        mean.data_ptr(), invstd.data_ptr(), codes.data_ptr(), gw.data_ptr(), gb.data_ptr(),
+        ggx.data_ptr(), None if ggw is None else ggw.data_ptr(),
+        None if ggb is None else ggb.data_ptr(), n, c, h, wd, d_g.data_ptr(), d_x.data_ptr(),
+        d_w.data_ptr()))
+    return d_g, d_x, d_w

@@ -72,6 +72,60 @@ def test_kernels_equal_torch_in_float64(shape, ties):
         assert (got.double() - want).abs().max().item() <= 1e-5 * scale
 
 
+def _second_derivatives(x, w, b, r, outer, pool_bn):
+    """Gradients (x, w, b) of a function of the first derivatives of a loss of the pooled batch
+    norm. "x": only the input gradient counts (the weight's and bias's cotangents are None, as
+    in second-order MAML, where batch-norm weights are not adapted); "all": all three."""
+    out = pool_bn(x, w, b)
+    loss = (out * r).sum() + 0.1 * (out ** 3).sum()
+    gx, gw, gb = torch.autograd.grad(loss, (x, w, b), create_graph=True)
+    value = gx.sin().sum()
+    if outer == "all":
+        value = value + 0.3 * (gw ** 2).sum() + 0.2 * (gb ** 3).sum()
+    return torch.autograd.grad(value, (x, w, b))
+
+
+@needs_kernels
+@pytest.mark.parametrize("shape", [(5, 8, 28, 28), (3, 6, 7, 7), (2, 3, 9, 6), (3, 2, 5, 36)])
+@pytest.mark.parametrize("outer", ["x", "all"])
+def test_compiled_second_derivative_equals_torch_in_float64(shape, outer, monkeypatch):
+    """The derivative of the fused backward (the batch-norm part of second-order MAML's
+    meta-gradient) is compiled too: against torch's batch norm and max-pool differentiated twice
+    in float64, it must be as close as the same closed form in torch's float32 ops (within 2x),
+    and within 1e-5 of the largest value. Odd sizes leave rows and columns outside every window;
+    b's derivative comes only through the gradient of the pooled output (d_g)."""
+    from engine import batch_norm
+    from engine.batch_norm import batch_norm_pool
+
+    gen = torch.Generator().manual_seed(sum(shape))
+    x64 = (torch.randn(shape, generator=gen, dtype=torch.float64) * 2 + 1).requires_grad_()
+    w64 = torch.rand(shape[1], generator=gen, dtype=torch.float64) + 0.5
+    w64[0] = -w64[0]
+    w64.requires_grad_()
+    b64 = torch.rand(shape[1], generator=gen, dtype=torch.float64, requires_grad=True)
+    pooled = (*shape[:2], shape[2] // 2, shape[3] // 2)
+    r64 = torch.randn(pooled, generator=gen, dtype=torch.float64)
+    want = _second_derivatives(x64, w64, b64, r64, outer,
+                               lambda *a: _ground_truth(*a)[1])
+
+    calls = []
+    real = fused_cpu.backward2
+    monkeypatch.setattr(fused_cpu, "backward2", lambda *a: calls.append(1) or real(*a))
+
+    def float32(compiled_second):
+        monkeypatch.setattr(batch_norm, "COMPILED_SECOND_DERIVATIVE", compiled_second)
+        x, w, b = (t.detach().float().requires_grad_() for t in (x64, w64, b64))
+        return _second_derivatives(x, w, b, r64.float(), outer,
+                                   lambda *a: batch_norm_pool(*a, EPS, compiled=True)[0])
+
+    compiled, torch_ops = float32(True), float32(False)
+    assert len(calls) == 1
+    for got, ops, exact in zip(compiled, torch_ops, want):
+        scale = exact.abs().max().item()
+        error, ops_error = ((t.double() - exact).abs().max().item() / scale for t in (got, ops))
+        assert error <= max(2 * ops_error, 1e-7) and error <= 1e-5, (error, ops_error)
+
+
 def _meta_grads(config, dtype):
     learner = MetaLearner(config, dtype=dtype)
     cfg = learner.config
@@ -132,12 +186,16 @@ def test_a_call_split_over_intra_op_threads_gives_the_same_bits(monkeypatch):
     w, b = torch.rand(7, generator=gen) + 0.5, torch.randn(7, generator=gen)
     g = torch.randn(3, 7, 6, 5, generator=gen)
 
-    def both():
+    ggx, ggw, ggb = torch.randn(x.shape, generator=gen), torch.randn(7, generator=gen), None
+
+    def all_three():
         out, mean, invstd, codes = fused_cpu.forward(x, w, b, EPS)
-        return (out, mean, invstd, codes, *fused_cpu.backward(g, x, w, mean, invstd, codes))
+        gx, gw, gb = fused_cpu.backward(g, x, w, mean, invstd, codes)
+        second = fused_cpu.backward2(g, x, w, mean, invstd, codes, gw, gb, ggx, ggw, ggb)
+        return (out, mean, invstd, codes, gx, gw, gb, *second)
 
     monkeypatch.setattr(fused_cpu, "PARALLEL_MIN_ELEMENTS", 1 << 60)
-    whole = both()
+    whole = all_three()
     submitted = []
     pool = fused_cpu._helpers()
     monkeypatch.setattr(fused_cpu, "_helpers", lambda: pool)
@@ -147,10 +205,11 @@ def test_a_call_split_over_intra_op_threads_gives_the_same_bits(monkeypatch):
     threads = torch.get_num_threads()
     torch.set_num_threads(3)
     try:
-        split = both()
+        split = all_three()
     finally:
         torch.set_num_threads(threads)
-    assert submitted == [(2, 4), (4, 7)] * 2  # forward and backward: channels 0-1 on the caller
+    # forward, backward and its derivative: channels 0-1 on the caller
+    assert submitted == [(2, 4), (4, 7)] * 3
     for one, parts in zip(whole, split):
         assert torch.equal(one, parts)
 
