@@ -90,15 +90,24 @@ def _second_ops(kernels) -> list[dict]:
     return rows
 
 
+def _kernel_inputs(kernels, shape):
+    """Random batch-norm input, weight and bias of a shape, the kernels' forward statistics
+    and codes, and a random gradient of the pooled output."""
+    import torch
+
+    x = torch.randn(shape) * 2 + 1
+    w, b = torch.rand(shape[1]) + 0.5, torch.rand(shape[1])
+    _, mean, invstd, codes = kernels.forward(x, w, b, EPS)
+    return x, w, b, mean, invstd, codes, torch.randn(codes.shape)
+
+
 def _second_row(kernels, shape) -> dict:
     import torch
 
     from engine import batch_norm
 
-    x = torch.randn(shape) * 2 + 1
-    w, b = torch.rand(shape[1]) + 0.5, torch.rand(shape[1])
-    _, mean, invstd, codes = kernels.forward(x, w, b, EPS)
-    g = torch.randn(codes.shape).requires_grad_()
+    x, w, _, mean, invstd, codes, g = _kernel_inputs(kernels, shape)
+    g.requires_grad_()
     xg, wg = x.clone().requires_grad_(), w.clone().requires_grad_()
     gx, _, _ = batch_norm._BatchNormBackward.apply(g, xg, wg, mean, invstd, EPS, codes, True)
     ggx = torch.randn(shape)
@@ -138,10 +147,7 @@ def _split_ops(kernels) -> list[dict]:
 def _split_row(kernels, shape) -> dict:
     import torch
 
-    x = torch.randn(shape) * 2 + 1
-    w, b = torch.rand(shape[1]) + 0.5, torch.rand(shape[1])
-    _, mean, invstd, codes = kernels.forward(x, w, b, EPS)
-    g = torch.randn(codes.shape)
+    x, w, b, mean, invstd, codes, g = _kernel_inputs(kernels, shape)
     row = {"shape": list(shape), "threads": torch.get_num_threads(),
            "forward_ms": {}, "backward_ms": {}}
     default = kernels.PARALLEL_MIN_ELEMENTS
