@@ -27,6 +27,20 @@ def random_batch(cfg, seed: int = 0, tasks: int | None = None) -> TaskBatch:
     return TaskBatch(xs, ys, xq, yq)
 
 
+def bn_second_derivatives(bn, x, w, b, r, all_three: bool = True):
+    """(y, first, second) of batch norm `bn(x, w, b)` (or its pooled output): y, the gradients
+    (x, w, b) of a loss of y, and the gradients (x, w, b) of a function of those first
+    derivatives: of all three, or (`all_three` False) of the input gradient alone, whose weight
+    and bias cotangents are then None, as in second-order MAML."""
+    y = bn(x, w, b)
+    loss = (y * r).sum() + 0.1 * (y ** 3).sum()
+    gx, gw, gb = torch.autograd.grad(loss, (x, w, b), create_graph=True)
+    outer = gx.sin().sum()
+    if all_three:
+        outer = outer + 0.3 * (gw ** 2).sum() + 0.2 * (gb ** 3).sum()
+    return y, (gx, gw, gb), torch.autograd.grad(outer, (x, w, b))
+
+
 def learned(learner: MetaLearner) -> dict[str, torch.Tensor]:
     return dict(learner.named_meta_parameters())
 

@@ -6,17 +6,9 @@ import torch
 import torch.nn.functional as F
 
 from engine.batch_norm import batch_norm_pool, batch_norm_train
+from tests.helpers import bn_second_derivatives
 
 EPS = 1e-5
-
-
-def _second_derivatives(bn, x, w, b, r):
-    """Gradients of a function of batch norm's first derivatives (all three used)."""
-    y = bn(x, w, b)
-    loss = (y * r).sum() + 0.1 * (y ** 3).sum()
-    gx, gw, gb = torch.autograd.grad(loss, (x, w, b), create_graph=True)
-    outer = gx.sin().sum() + 0.3 * (gw ** 2).sum() + 0.2 * (gb ** 3).sum()
-    return y, (gx, gw, gb), torch.autograd.grad(outer, (x, w, b))
 
 
 def _torch_bn(x, w, b):
@@ -38,8 +30,8 @@ def test_matches_torch_to_second_order(shape, channels_last):
     w = torch.randn(shape[1], generator=g, dtype=torch.float64, requires_grad=True)
     b = torch.randn(shape[1], generator=g, dtype=torch.float64, requires_grad=True)
     r = torch.randn(shape, generator=g, dtype=torch.float64)
-    y_ref, first_ref, second_ref = _second_derivatives(_torch_bn, x, w, b, r)
-    y, first, second = _second_derivatives(_lean_bn, x, w, b, r)
+    y_ref, first_ref, second_ref = bn_second_derivatives(_torch_bn, x, w, b, r)
+    y, first, second = bn_second_derivatives(_lean_bn, x, w, b, r)
     torch.testing.assert_close(y, y_ref, rtol=0, atol=1e-12)
     for a, e in zip(first + second, first_ref + second_ref, strict=True):
         torch.testing.assert_close(a, e, rtol=1e-10, atol=1e-10)
@@ -113,9 +105,9 @@ def test_batch_norm_pool_matches_torch_to_second_order(shape):
     b = torch.randn(shape[1], generator=g, dtype=torch.float64, requires_grad=True)
     pooled = (shape[0], shape[1], shape[2] // 2, shape[3] // 2)
     r = torch.randn(pooled, generator=g, dtype=torch.float64)
-    y_ref, first_ref, second_ref = _second_derivatives(
+    y_ref, first_ref, second_ref = bn_second_derivatives(
         lambda *a: F.max_pool2d(_torch_bn(*a), 2), x, w, b, r)
-    y, first, second = _second_derivatives(lambda *a: batch_norm_pool(*a, EPS)[0], x, w, b, r)
+    y, first, second = bn_second_derivatives(lambda *a: batch_norm_pool(*a, EPS)[0], x, w, b, r)
     torch.testing.assert_close(y, y_ref, rtol=0, atol=1e-12)
     for a, e in zip(first + second, first_ref + second_ref, strict=True):
         torch.testing.assert_close(a, e, rtol=1e-10, atol=1e-10)

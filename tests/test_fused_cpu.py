@@ -17,7 +17,7 @@ from engine import fused_cpu
 from engine.errors import UserError
 from engine.learner import MetaLearner
 from engine.msl import msl_weights
-from tests.helpers import grads, random_batch, small_config
+from tests.helpers import bn_second_derivatives, grads, random_batch, small_config
 
 # built once by tests/conftest.py where a toolchain exists; skipped (with why) where none could be
 needs_kernels = pytest.mark.skipif(fused_cpu.load() is None,
@@ -72,19 +72,6 @@ def test_kernels_equal_torch_in_float64(shape, ties):
         assert (got.double() - want).abs().max().item() <= 1e-5 * scale
 
 
-def _second_derivatives(x, w, b, r, outer, pool_bn):
-    """Gradients (x, w, b) of a function of the first derivatives of a loss of the pooled batch
-    norm. "x": only the input gradient counts (the weight's and bias's cotangents are None, as
-    in second-order MAML, where batch-norm weights are not adapted); "all": all three."""
-    out = pool_bn(x, w, b)
-    loss = (out * r).sum() + 0.1 * (out ** 3).sum()
-    gx, gw, gb = torch.autograd.grad(loss, (x, w, b), create_graph=True)
-    value = gx.sin().sum()
-    if outer == "all":
-        value = value + 0.3 * (gw ** 2).sum() + 0.2 * (gb ** 3).sum()
-    return torch.autograd.grad(value, (x, w, b))
-
-
 @needs_kernels
 @pytest.mark.parametrize("shape", [(5, 8, 28, 28), (3, 6, 7, 7), (2, 3, 9, 6), (3, 2, 5, 36)])
 @pytest.mark.parametrize("outer", ["x", "all"])
@@ -105,8 +92,8 @@ def test_compiled_second_derivative_equals_torch_in_float64(shape, outer, monkey
     b64 = torch.rand(shape[1], generator=gen, dtype=torch.float64, requires_grad=True)
     pooled = (*shape[:2], shape[2] // 2, shape[3] // 2)
     r64 = torch.randn(pooled, generator=gen, dtype=torch.float64)
-    want = _second_derivatives(x64, w64, b64, r64, outer,
-                               lambda *a: _ground_truth(*a)[1])
+    want = bn_second_derivatives(lambda *a: _ground_truth(*a)[1], x64, w64, b64, r64,
+                                 outer == "all")[2]
 
     calls = []
     real = fused_cpu.backward2
@@ -115,8 +102,8 @@ def test_compiled_second_derivative_equals_torch_in_float64(shape, outer, monkey
     def float32(compiled_second):
         monkeypatch.setattr(batch_norm, "COMPILED_SECOND_DERIVATIVE", compiled_second)
         x, w, b = (t.detach().float().requires_grad_() for t in (x64, w64, b64))
-        return _second_derivatives(x, w, b, r64.float(), outer,
-                                   lambda *a: batch_norm_pool(*a, EPS, compiled=True)[0])
+        return bn_second_derivatives(lambda *a: batch_norm_pool(*a, EPS, compiled=True)[0],
+                                     x, w, b, r64.float(), outer == "all")[2]
 
     compiled, torch_ops = float32(True), float32(False)
     assert len(calls) == 1
