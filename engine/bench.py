@@ -262,12 +262,12 @@ def default_iters(preset_config) -> int:
 
 # What each bench "implementation" is, as config overrides: `auto` is the engine's default path
 # for the device, `plain` the per-task loop without the speed paths (no task threads, no
-# folded tasks, no channels-last, no compiled kernels): the baseline the default must never be
-# slower than.
+# folded tasks, no channels-last, no compiled kernels, no NNPACK convolutions): the baseline the
+# default must never be slower than.
 IMPLS = {
     "auto": [],
     "plain": ["train.impl=loop", "train.task_threads=1", "train.task_group=1",
-              "train.channels_last=never", "train.fused_kernels=off"],
+              "train.channels_last=never", "train.fused_kernels=off", "train.fft_conv=off"],
     "loop": ["train.impl=loop"],
     "vmap": ["train.impl=vmap"],
 }

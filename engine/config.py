@@ -27,6 +27,7 @@ DATASETS = ("omniglot", "miniimagenet", "quickstart")
 CHANNELS_LAST = ("auto", "never", "first_order", "always")  # steps run channels-last
 PRECISIONS = ("auto", "float32", "tf32", "bf16")
 FUSED_KERNELS = ("auto", "on", "off")  # engine/fused_cpu.py's compiled CPU kernels
+FFT_CONV = ("auto", "on", "off")  # engine/fft_conv.py's convolutions in training passes
 # reference: engine/reference.py, the plain definition the fast paths are tested against
 IMPLS = ("auto", "loop", "vmap", "reference")
 # (channels, height/width) of the images each dataset feeds the network.
@@ -70,6 +71,7 @@ class TrainConfig:
     channels_last: str = "auto"
     precision: str = "auto"
     fused_kernels: str = "auto"
+    fft_conv: str = "auto"
 
 
 @dataclass
@@ -302,6 +304,7 @@ def validate(cfg: Config) -> None:
     _choice("train.channels_last", t.channels_last, CHANNELS_LAST)
     _choice("train.precision", t.precision, PRECISIONS)
     _choice("train.fused_kernels", t.fused_kernels, FUSED_KERNELS)
+    _choice("train.fft_conv", t.fft_conv, FFT_CONV)
     _at_least("maml_pp.msl_epochs", p.msl_epochs, 1 if p.msl else 0)
     _at_least("maml_pp.first_order_epochs", p.first_order_epochs, -1)
     _choice("maml_pp.bn_eval_stats", p.bn_eval_stats, ("batch", "running"))

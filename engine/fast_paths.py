@@ -34,6 +34,12 @@ the engine's defaults") has the numbers, benchmarks/results/ the reports.
   compiling the backward's own derivative too made them 1.04-1.11x faster again (`--second`).
   Not in evaluation, whose passes are channels-last on CPU and whose logits engine/adapt.py
   reproduces.
+- fft_conv: on CPU (per-task loop), the 3x3 convolutions of float32 NCHW training passes that
+  engine/fft_conv.py takes (NNPACK's 16x16 Fourier transform: Omniglot's 14x14 second stage,
+  mini-ImageNet's 42x42 one) and their derivatives; there a convolution's second-order pass
+  measured 1.6-1.9x (14x14) and 1.1-1.2x (42x42) faster than oneDNN's
+  (benchmarks/fft_conv.py). Where NNPACK would take its 8x8 Winograd transform instead
+  (7, 10, 21 pixels a side), whose float32 error was 10-50x oneDNN's, it stays oneDNN's.
 - precision: float32 on CPU (bf16 autocast wrecked second-order gradients there); on CUDA "tf32"
   (TF32 convs are torch's own default; this extends it to matmuls) until run_gpu.sh says more.
 """
@@ -79,6 +85,7 @@ class FastPaths:
     shared_arena: bool = False  # CPU threads share glibc's main arena (engine/allocator.py)
     task_group: int = 1  # tasks folded into one pass in training steps (engine/grouped.py)
     fused_kernels: bool = False  # engine/fused_cpu.py in training passes it takes
+    fft_conv: bool = False  # engine/fft_conv.py's convolutions in training passes it takes
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -140,6 +147,7 @@ def fast_paths(config: Config, device: torch.device) -> FastPaths:
                                     if cpu and impl == "loop" else 1),
         fused_kernels=t.fused_kernels == "on" or (
             t.fused_kernels == "auto" and cpu and impl == "loop" and toolchain() is None),
+        fft_conv=t.fft_conv == "on" or (t.fft_conv == "auto" and cpu and impl == "loop"),
     )
 
 

@@ -31,6 +31,7 @@ class InnerPlan:
     functional: bool = True  # torch.func.grad (needed under vmap) or plain torch.autograd.grad
     groups: int = 1  # tasks folded into the channels (engine/grouped.py); 1: one task
     fused: bool = False  # engine/fused_cpu.py's kernels where they apply (plain autograd only)
+    fft_conv: bool = False  # engine/fft_conv.py's convolutions where they apply (likewise)
 
 
 def task_losses(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
@@ -44,9 +45,9 @@ def task_losses(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
 def _support_loss(adapted: Params, bn: Params, x: torch.Tensor, y: torch.Tensor, step: int,
                   running: Params | None, track: bool, lean: bool = False,
                   stats_out: torch.Tensor | None = None, groups: int = 1,
-                  fused: bool = False) -> tuple[torch.Tensor, BatchStats]:
+                  fused: bool = False, fft: bool = False) -> tuple[torch.Tensor, BatchStats]:
     logits, stats = forward(adapted, bn, x, step, running, track, lean_second_order=lean,
-                            stats_out=stats_out, groups=groups, fused=fused)
+                            stats_out=stats_out, groups=groups, fused=fused, fft=fft)
     loss = task_losses(logits, y)
     # folded tasks: the sum of their losses, whose gradient is each task's own
     return (loss if groups == 1 else loss.sum()), stats
@@ -54,9 +55,9 @@ def _support_loss(adapted: Params, bn: Params, x: torch.Tensor, y: torch.Tensor,
 
 def _query_loss(adapted: Params, bn: Params, x: torch.Tensor, y: torch.Tensor, step: int,
                 running: Params | None, track: bool, stats_out: torch.Tensor | None = None,
-                groups: int = 1, fused: bool = False):
+                groups: int = 1, fused: bool = False, fft: bool = False):
     logits, stats = forward(adapted, bn, x, step, running, track, stats_out=stats_out,
-                            groups=groups, fused=fused)
+                            groups=groups, fused=fused, fft=fft)
     loss = task_losses(logits, y)
     return (loss if groups == 1 else loss.sum()), (loss, logits, stats)
 
@@ -192,6 +193,7 @@ def inner_loop(
     # so it serves the per-task loop, not torch.func's transforms
     lean = not plan.functional
     fused = plan.fused and not plan.functional
+    fft = plan.fft_conv and not plan.functional
     fast = adapted
     if not plan.functional and has_nhwc_strides(x_support):
         fast = _like_channels_last(fast)
@@ -205,11 +207,11 @@ def inner_loop(
         if plan.second_order:
             g, s = grad(_support_loss, has_aux=True)(fast, bn, x_support, y_support, i, run,
                                                      plan.track_stats, lean, out, plan.groups,
-                                                     fused)
+                                                     fused, fft)
         else:
             g, s = grad(_support_loss, has_aux=True)(_detached(fast), _detached(bn), x_support,
                                                      y_support, i, run, plan.track_stats,
-                                                     False, out, plan.groups, fused)
+                                                     False, out, plan.groups, fused, fft)
         stats.append(s)
         fast = {k: w - lrs[k][min(i, lrs[k].shape[0] - 1)] * g[k] for k, w in fast.items()}
         if i not in plan.loss_steps:
@@ -217,12 +219,12 @@ def inner_loop(
         out = kept and kept.stats_out(len(stats))
         if weights is None:
             logits, s = forward(fast, bn, x_query, i, run, plan.track_stats, stats_out=out,
-                                groups=plan.groups, fused=fused)
+                                groups=plan.groups, fused=fused, fft=fft)
             loss = task_losses(logits, y_query)
         else:
             (g_fast, g_bn), (loss, logits, s) = grad(_query_loss, argnums=(0, 1), has_aux=True)(
                 _detached(fast), _detached(bn), x_query, y_query, i, run, plan.track_stats, out,
-                plan.groups, fused)
+                plan.groups, fused, fft)
             if kept:
                 g_fast, g_bn = (_copy_into(into, g)
                                 for into, g in zip(kept.grads[len(losses)], (g_fast, g_bn)))

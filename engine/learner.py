@@ -18,11 +18,12 @@ from dataclasses import dataclass, replace
 
 import torch
 
-from engine import fused_cpu
+from engine import fft_conv, fused_cpu
 from engine.allocator import retain_freed_memory
 from engine.bn_running import fold_meta_batch, init_running_stats
 from engine.config import Config
 from engine.distributed import SINGLE, World, all_gather_rows, all_reduce_sum
+from engine.errors import UserError
 from engine.fast_paths import fast_paths
 from engine.inner_loop import InnerPlan
 from engine.meta_batch import BatchResult, MetaParams, meta_batch
@@ -78,6 +79,11 @@ class MetaLearner:
         self.paths = fast_paths(config, self.device)
         if self.paths.fused_kernels and fused_cpu.load(config.train.fused_kernels == "on") is None:
             self.paths = replace(self.paths, fused_kernels=False)  # auto, and the build failed
+        if self.paths.fft_conv and not fft_conv.supported():
+            if config.train.fft_conv == "on":
+                raise UserError("train.fft_conv = on, but this torch has no NNPACK for this CPU; "
+                                "set train.fft_conv = auto or off.")
+            self.paths = replace(self.paths, fft_conv=False)
         self.paths.apply_global(self.device)
         self.impl = self.paths.impl
         if self.device.type == "cpu":
@@ -140,7 +146,7 @@ class MetaLearner:
         every rank holds the whole meta-batch's results."""
         loss_steps = tuple(i for i, w in enumerate(weights) if w > 0)
         plan = InnerPlan(self.config.train.inner_steps, loss_steps, second_order, track_stats=True,
-                         fused=self.paths.fused_kernels)
+                         fused=self.paths.fused_kernels, fft_conv=self.paths.fft_conv)
         w = torch.tensor([weights[i] for i in loss_steps], device=self.device, dtype=self.dtype)
         self.optimizer.zero_grad(set_to_none=True)
         batch = self._place(batch, second_order)

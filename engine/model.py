@@ -17,7 +17,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from engine import first_conv, fused_cpu
+from engine import fft_conv, first_conv, fused_cpu
 from engine.batch_norm import batch_norm_pool, batch_norm_train
 from engine.config import Config
 from engine.max_pool import max_pool2x2
@@ -114,6 +114,7 @@ def forward(
     stats_out: torch.Tensor | None = None,
     groups: int = 1,
     fused: bool = False,
+    fft: bool = False,
 ) -> tuple[torch.Tensor, BatchStats]:
     """Logits for images x [n, C, H, W] at inner step `step`.
 
@@ -131,6 +132,8 @@ def forward(
     stacked task-major (engine/grouped.py); the logits are then [groups, n, ways].
     `fused` (plain autograd only): batch norm and the max-pool of the passes that
     engine/fused_cpu.py's compiled kernels take (float32 NCHW on the CPU) run as those.
+    `fft` (plain autograd only): the convolutions engine/fft_conv.py takes run as NNPACK's
+    Fourier transform, their derivatives too.
     """
     stats: BatchStats = []
     stages = len(bn) // 2
@@ -139,6 +142,8 @@ def forward(
         weight, bias = adapted[f"conv{i}.weight"], adapted[f"conv{i}.bias"]
         if i == 0 and lean_second_order and first_conv.applies(x, weight, groups):
             x = first_conv.first_conv(x, weight, bias, groups)
+        elif fft and fft_conv.applies(x, weight, groups):
+            x = fft_conv.conv3x3(x, weight, bias)
         else:
             x = F.conv2d(x, weight, bias, padding=1, groups=groups)
         w_bn, b_bn = bn[f"bn{i}.weight"], bn[f"bn{i}.bias"]

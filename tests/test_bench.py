@@ -311,7 +311,8 @@ def test_bench_implementation_names():
             parse_impls(bad)
     # plain is the per-task loop with none of the speed paths
     assert IMPLS["plain"] == ["train.impl=loop", "train.task_threads=1", "train.task_group=1",
-                              "train.channels_last=never", "train.fused_kernels=off"]
+                              "train.channels_last=never", "train.fused_kernels=off",
+                              "train.fft_conv=off"]
 
 
 def test_bench_pairs_auto_and_plain_in_one_process():

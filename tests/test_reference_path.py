@@ -154,7 +154,8 @@ def test_impl_reference_trains_a_run_and_ends_where_the_default_path_does(tmp_pa
     (test_channels_last_batch_norm_precision), and folded tasks (engine/grouped.py), as precise
     as the loop but summed in another order, both checked step by step in float64
     (test_fast_paths_equal_the_reference); and the compiled batch-norm/max-pool kernels
-    (engine/fused_cpu.py, float32 only), checked against float64 in tests/test_fused_cpu.py."""
+    (engine/fused_cpu.py, float32 only), checked against float64 in tests/test_fused_cpu.py,
+    and NNPACK's convolutions (engine/fft_conv.py, float32 only), in tests/test_fft_conv.py."""
     finals, logits, ensembles = {}, {}, {}
     for impl in ("reference", "auto"):
         home = tmp_path / impl
@@ -164,7 +165,8 @@ def test_impl_reference_trains_a_run_and_ends_where_the_default_path_does(tmp_pa
         proc = mamlpp(home, "run", "--no-tui", *sets(f"train.impl={impl}",
                                                       "train.channels_last=never",
                                                       "train.task_group=1",
-                                                      "train.fused_kernels=off", threads))
+                                                      "train.fused_kernels=off",
+                                                      "train.fft_conv=off", threads))
         assert proc.returncode == 0, proc.stderr
         run_id = next((home / "runs").iterdir()).name
         finals[impl] = final_tensors(home, run_id)

@@ -131,12 +131,12 @@ def test_ensemble_uses_top_k_epochs_and_averaged_logits(home, finished):
 @pytest.fixture(scope="module")
 def nchw(home):
     """A run whose passes all stay NCHW (see test_validation_and_ensemble_member_recomputed).
-    Trained with torch's batch norm and max-pool: what is checked is evaluation, and at the
-    point the compiled kernels' float32 trajectory reaches, 2 of the 300 test tasks hold
+    Trained with torch's batch norm, max-pool and convolutions: what is checked is evaluation,
+    and at the point the compiled kernels' float32 trajectory reaches, 2 of the 300 test tasks hold
     max-pool near-ties that float32 and float64 break apart (logits 1e-3 and 2e-2 off), as any
     float32 path can (test_impl_reference_trains_a_run_and_ends_where_the_default_path_does)."""
     return run_to_end(home, "train.channels_last=never", "train.epochs=2",
-                      "train.fused_kernels=off", name="nchw")
+                      "train.fused_kernels=off", "train.fft_conv=off", name="nchw")
 
 
 def reference_adapt(tensors: dict, task, cfg) -> tuple[torch.Tensor, float]:
