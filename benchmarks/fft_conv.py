@@ -14,7 +14,6 @@ preset given. Writes results/fft-conv-DATE.json.
 from __future__ import annotations
 
 import argparse
-import statistics
 import sys
 import time
 from pathlib import Path
@@ -77,33 +76,10 @@ def _op_row(shape) -> dict:
 
 
 def _steps(preset: str, rounds: int) -> dict:
-    from benchmarks.alternating import alternate, median_speedup
-    from engine.bench import synthetic_dataset
-    from engine.config import resolve
-    from engine.data.sampler import sampler_for
-    from engine.learner import MetaLearner
-    from engine.msl import msl_weights
-    from engine.schedule import meta_lr
+    from benchmarks.alternating import second_order_steps
 
-    names = ("off", "on")
-    configs = {k: resolve(preset, overrides=[f"train.fft_conv={k}"]) for k in names}
-    cfg = configs["off"]
-    t = cfg.train
-    weights = msl_weights(0, t.inner_steps, cfg.maml_pp.msl_epochs, cfg.maml_pp.msl)
-    sampler = sampler_for(cfg, "train", synthetic_dataset(cfg))
-    learners = {k: MetaLearner(c, "cpu") for k, c in configs.items()}
-    losses: dict[str, list[float]] = {name: [] for name in learners}
-
-    def step(name, batch):
-        losses[name].append(learners[name].update(batch, weights, True, meta_lr(0, cfg)).loss)
-
-    seconds = alternate(step, list(learners), sampler, t.meta_batch, rounds)
-    ratio = median_speedup(seconds, *names)
-    print(f"{preset} second order: off {statistics.median(seconds['off']):.3f} s, "
-          f"on {statistics.median(seconds['on']):.3f} s, {ratio:.3f}x", flush=True)
-    return {"preset": preset, "order": "second", "msl_phase": True,
-            "paths": {k: v.paths.to_dict() for k, v in learners.items()}, "seconds": seconds,
-            "losses": losses, "speedup_median_ratio": ratio}
+    return second_order_steps(preset, {k: [f"train.fft_conv={k}"] for k in ("off", "on")},
+                              rounds)
 
 
 def main() -> int:

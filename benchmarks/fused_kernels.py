@@ -21,7 +21,6 @@ results/fused-second-derivative-DATE.json.
 from __future__ import annotations
 
 import argparse
-import statistics
 import sys
 import time
 from pathlib import Path
@@ -165,40 +164,26 @@ def _split_row(kernels, shape) -> dict:
 def _steps(preset: str, rounds: int, second: bool = False) -> dict:
     """Second-order steps alternating between kernels off and on, or (`second`) with the
     kernels on and the second derivative in torch's ops or compiled."""
-    from benchmarks.alternating import alternate, median_speedup
+    from contextlib import contextmanager
+
+    from benchmarks.alternating import second_order_steps
     from engine import batch_norm
-    from engine.bench import synthetic_dataset
-    from engine.config import resolve
-    from engine.data.sampler import sampler_for
-    from engine.learner import MetaLearner
-    from engine.msl import msl_weights
-    from engine.schedule import meta_lr
 
-    names = ("torch_ops", "compiled") if second else ("off", "on")
-    configs = {k: resolve(preset, overrides=[
-        f"train.fused_kernels={'on' if second else k}"]) for k in names}
-    cfg = configs[names[0]]
-    t = cfg.train
-    weights = msl_weights(0, t.inner_steps, cfg.maml_pp.msl_epochs, cfg.maml_pp.msl)
-    sampler = sampler_for(cfg, "train", synthetic_dataset(cfg))
-    learners = {k: MetaLearner(c, "cpu") for k, c in configs.items()}
-    losses: dict[str, list[float]] = {name: [] for name in learners}
+    if not second:
+        return second_order_steps(
+            preset, {k: [f"train.fused_kernels={k}"] for k in ("off", "on")}, rounds)
 
-    def step(name, batch):
+    @contextmanager
+    def second_derivative(name):
         batch_norm.COMPILED_SECOND_DERIVATIVE = name != "torch_ops"
         try:
-            metrics = learners[name].update(batch, weights, True, meta_lr(0, cfg))
+            yield
         finally:
             batch_norm.COMPILED_SECOND_DERIVATIVE = True
-        losses[name].append(metrics.loss)
 
-    seconds = alternate(step, list(learners), sampler, t.meta_batch, rounds)
-    ratio = median_speedup(seconds, *names)
-    print(f"{preset} second order: {names[0]} {statistics.median(seconds[names[0]]):.3f} s, "
-          f"{names[1]} {statistics.median(seconds[names[1]]):.3f} s, {ratio:.3f}x", flush=True)
-    return {"preset": preset, "order": "second", "msl_phase": True,
-            "paths": {k: v.paths.to_dict() for k, v in learners.items()}, "seconds": seconds,
-            "losses": losses, "speedup_median_ratio": ratio}
+    return second_order_steps(preset, {k: ["train.fused_kernels=on"]
+                                       for k in ("torch_ops", "compiled")}, rounds,
+                              second_derivative)
 
 
 def main() -> int:

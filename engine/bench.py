@@ -292,9 +292,12 @@ def _config(job: dict):
 def _one_task_thread(learner):
     """The FLOP counter is a dispatch mode, which is per thread: count on the calling one, one
     task per pass (torch's counter takes a grouped convolution's weight gradient for a dense
-    one, G times the FLOPs of the same arithmetic unfolded)."""
+    one, G times the FLOPs of the same arithmetic unfolded), convolutions as torch's (it has
+    no formula for NNPACK's: engine/fft_conv.py's would not count; the roofline counts the
+    direct algorithm's arithmetic)."""
     paths = learner.paths
-    learner.paths = replace(paths, task_threads=1, task_threads_second_order=1, task_group=1)
+    learner.paths = replace(paths, task_threads=1, task_threads_second_order=1, task_group=1,
+                            fft_conv=False)
     try:
         yield
     finally:

@@ -37,9 +37,10 @@ the engine's defaults") has the numbers, benchmarks/results/ the reports.
 - fft_conv: on CPU (per-task loop), the 3x3 convolutions of float32 NCHW training passes that
   engine/fft_conv.py takes (NNPACK's 16x16 Fourier transform: Omniglot's 14x14 second stage,
   mini-ImageNet's 42x42 one) and their derivatives; there a convolution's second-order pass
-  measured 1.6-1.9x (14x14) and 1.1-1.2x (42x42) faster than oneDNN's
-  (benchmarks/fft_conv.py). Where NNPACK would take its 8x8 Winograd transform instead
-  (7, 10, 21 pixels a side), whose float32 error was 10-50x oneDNN's, it stays oneDNN's.
+  measured 1.6-1.9x (14x14) and 1.1-1.8x (42x42) faster than oneDNN's, whole second-order
+  steps 1.05-1.28x (benchmarks/fft_conv.py). Where NNPACK would take its 8x8 Winograd
+  transform instead (7, 10, 21 pixels a side), whose float32 error was 5-15x oneDNN's, and
+  for one- and three-channel images, it stays oneDNN's.
 - precision: float32 on CPU (bf16 autocast wrecked second-order gradients there); on CUDA "tf32"
   (TF32 convs are torch's own default; this extends it to matmuls) until run_gpu.sh says more.
 """

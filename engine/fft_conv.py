@@ -12,7 +12,7 @@ Where it applies (`applies`): float32 NCHW feature maps of at least MIN_CHANNELS
 the CPU, one group, and an output NNPACK computes with its Fourier transform by its own rule
 (convolution-output.c: more than four 8x8 Winograd tiles per 16x16 one, e.g. 13-14, 28, 42, 84
 pixels a side). At other sizes (7, 10, 21 pixels) it picks its 8x8 Winograd transform, whose
-float32 error measured 10-50x oneDNN's: those stay oneDNN's. The Fourier transform's float32
+float32 error measured 5-15x oneDNN's: those stay oneDNN's. The Fourier transform's float32
 error measured a quarter of oneDNN's; it is another rounding of the same function (float64,
 and every check against the reference, stay on torch's convolution).
 

@@ -6,6 +6,7 @@ import torch
 
 from engine.config import resolve
 from engine.learner import MetaLearner
+from engine.msl import msl_weights
 from engine.tasks import TaskBatch
 
 
@@ -75,3 +76,13 @@ def one_line_error(code: int, err: str) -> str:
     assert len(lines) == 1 and lines[0].startswith("error: "), err
     assert "Traceback" not in err
     return lines[0]
+
+
+def meta_grads(config, dtype) -> tuple[MetaLearner, dict[str, torch.Tensor]]:
+    """A fresh learner and its meta-gradients of one second-order step (epoch 0's MSL
+    weights) on random_batch(seed=5)."""
+    learner = MetaLearner(config, dtype=dtype)
+    cfg = learner.config
+    weights = msl_weights(0, cfg.train.inner_steps, cfg.maml_pp.msl_epochs, cfg.maml_pp.msl)
+    learner.meta_loss(random_batch(cfg, seed=5), weights, True)
+    return learner, grads(learner)

@@ -10,8 +10,7 @@ import torch.nn.functional as F
 from engine import fft_conv
 from engine.errors import UserError
 from engine.learner import MetaLearner
-from engine.msl import msl_weights
-from tests.helpers import flat, grads, random_batch, small_config
+from tests.helpers import flat, meta_grads, small_config
 
 needs_nnpack = pytest.mark.skipif(not fft_conv.supported(), reason="no NNPACK in this torch")
 
@@ -145,14 +144,6 @@ def test_a_call_split_across_threads_gives_the_same_bits(monkeypatch):
             assert torch.equal(got, want)
 
 
-def _meta_grads(config, dtype):
-    learner = MetaLearner(config, dtype=dtype)
-    cfg = learner.config
-    weights = msl_weights(0, cfg.train.inner_steps, cfg.maml_pp.msl_epochs, cfg.maml_pp.msl)
-    learner.meta_loss(random_batch(cfg, seed=5), weights, True)
-    return learner, grads(learner)
-
-
 @needs_nnpack
 def test_second_order_step_with_fourier_convolutions_is_as_precise_as_without(
         one_intra_op_thread, nnpack_calls):
@@ -160,11 +151,11 @@ def test_second_order_step_with_fourier_convolutions_is_as_precise_as_without(
     same step in float64: as close as torch's own float32 convolutions are."""
     base = ["train.task_threads=1", "train.task_group=1", "train.channels_last=never",
             "model.filters=8"]
-    _, want = _meta_grads(small_config(*base, "train.fft_conv=off"), torch.float64)
+    _, want = meta_grads(small_config(*base, "train.fft_conv=off"), torch.float64)
     assert not nnpack_calls
-    on, got_on = _meta_grads(small_config(*base, "train.fft_conv=on"), torch.float32)
+    on, got_on = meta_grads(small_config(*base, "train.fft_conv=on"), torch.float32)
     assert on.paths.fft_conv and nnpack_calls
-    off, got_off = _meta_grads(small_config(*base, "train.fft_conv=off"), torch.float32)
+    off, got_off = meta_grads(small_config(*base, "train.fft_conv=off"), torch.float32)
     want, got_on, got_off = (flat(d).double() for d in (want, got_on, got_off))
     error_on, error_off = ((g - want).norm() / want.norm() for g in (got_on, got_off))
     assert error_on <= max(3 * error_off, 1e-5), (error_on, error_off)
@@ -177,7 +168,7 @@ def test_results_do_not_depend_on_task_threads_with_fourier_convolutions(one_int
     for task_threads in (1, 2):
         config = small_config("train.task_group=1", "train.channels_last=never",
                               "train.fft_conv=on", f"train.task_threads={task_threads}")
-        results.append(_meta_grads(config, torch.float32)[1])
+        results.append(meta_grads(config, torch.float32)[1])
     assert nnpack_calls
     for k in results[0]:
         assert torch.equal(results[0][k], results[1][k]), k

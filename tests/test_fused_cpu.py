@@ -16,8 +16,7 @@ import torch.nn.functional as F
 from engine import fused_cpu
 from engine.errors import UserError
 from engine.learner import MetaLearner
-from engine.msl import msl_weights
-from tests.helpers import bn_second_derivatives, grads, random_batch, small_config
+from tests.helpers import bn_second_derivatives, meta_grads, small_config
 
 # built once by tests/conftest.py where a toolchain exists; skipped (with why) where none could be
 needs_kernels = pytest.mark.skipif(fused_cpu.load() is None,
@@ -113,14 +112,6 @@ def test_compiled_second_derivative_equals_torch_in_float64(shape, outer, monkey
         assert error <= max(2 * ops_error, 1e-7) and error <= 1e-5, (error, ops_error)
 
 
-def _meta_grads(config, dtype):
-    learner = MetaLearner(config, dtype=dtype)
-    cfg = learner.config
-    weights = msl_weights(0, cfg.train.inner_steps, cfg.maml_pp.msl_epochs, cfg.maml_pp.msl)
-    learner.meta_loss(random_batch(cfg, seed=5), weights, True)
-    return learner, grads(learner)
-
-
 def _worst(got: dict, want: dict) -> float:
     # conv biases feed batch norm: their meta-gradients are rounding noise on every path
     keys = [k for k in want if not (k.endswith("bias") and ".conv" in k)]
@@ -134,9 +125,9 @@ def test_second_order_meta_gradient_with_the_kernels_is_as_precise_as_without():
     float32 summed in another order wanders by that much)."""
     base = ["train.task_threads=1", "train.task_group=1", "train.channels_last=never",
             "model.filters=8"]
-    _, want = _meta_grads(small_config(*base, "train.fused_kernels=off"), torch.float64)
-    on, got_on = _meta_grads(small_config(*base, "train.fused_kernels=on"), torch.float32)
-    off, got_off = _meta_grads(small_config(*base, "train.fused_kernels=off"), torch.float32)
+    _, want = meta_grads(small_config(*base, "train.fused_kernels=off"), torch.float64)
+    on, got_on = meta_grads(small_config(*base, "train.fused_kernels=on"), torch.float32)
+    off, got_off = meta_grads(small_config(*base, "train.fused_kernels=off"), torch.float32)
     assert on.paths.fused_kernels and not off.paths.fused_kernels
     error_on, error_off = _worst(got_on, want), _worst(got_off, want)
     assert error_on <= max(3 * error_off, 1e-5), (error_on, error_off)
@@ -155,7 +146,7 @@ def test_results_do_not_depend_on_task_threads_with_the_kernels():
             config = small_config("train.task_group=1", "train.channels_last=never",
                                   "train.fused_kernels=on", "model.filters=8",
                                   f"train.task_threads={task_threads}")
-            learner, got = _meta_grads(config, torch.float32)
+            learner, got = meta_grads(config, torch.float32)
             assert learner.paths.fused_kernels
             results.append(got)
     finally:
