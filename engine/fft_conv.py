@@ -34,7 +34,7 @@ from engine.task_threads import shared_pool
 
 _state: dict[str, bool | None] = {"available": None}
 _lock = threading.Lock()
-TILE = 16  # NNPACK's Fourier tile: the widest output gradient its weight gradient takes
+TILE = 16  # NNPACK's Fourier tile a side: weight gradients go in blocks of TILE - 2
 MIN_CHANNELS = 16  # input channels from which it is faster (not for 1- and 3-channel images)
 SPLIT_MIN_ELEMENTS = 2**16  # input elements from which a call splits across intra-op threads
 
