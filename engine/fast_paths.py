@@ -37,7 +37,7 @@ the engine's defaults") has the numbers, benchmarks/results/ the reports.
 - fft_conv: on CPU (per-task loop), the 3x3 convolutions of float32 NCHW training passes that
   engine/fft_conv.py takes (NNPACK's 16x16 Fourier transform: Omniglot's 14x14 second stage,
   mini-ImageNet's 42x42 one) and their derivatives; there a convolution's second-order pass
-  measured 1.6-1.9x (14x14) and 1.1-1.8x (42x42) faster than oneDNN's, whole second-order
+  measured 1.6-1.8x (14x14) and 1.5x (42x42) faster than oneDNN's, whole second-order
   steps 1.05-1.28x (benchmarks/fft_conv.py). Where NNPACK would take its 8x8 Winograd
   transform instead (7, 10, 21 pixels a side), whose float32 error was 5-15x oneDNN's, and
   for one- and three-channel images, it stays oneDNN's.
