@@ -24,13 +24,12 @@ several intra-op threads splits its images across them (`_nnpack`), the same bit
 
 from __future__ import annotations
 
-import os
 import threading
 
 import torch
 import torch.nn.functional as F
 
-from engine.task_threads import shared_pool
+from engine.task_threads import helper_pool, run_split
 
 _state: dict[str, bool | None] = {"available": None}
 _lock = threading.Lock()
@@ -91,24 +90,17 @@ def _nnpack(x: torch.Tensor, kernel: torch.Tensor, bias: torch.Tensor | None,
     is computed alone, so the result is the same however they are split."""
     x, kernel = x.contiguous(), kernel.contiguous()
     n = x.shape[0]
-    threads = min(torch.get_num_threads(), n) if x.numel() >= SPLIT_MIN_ELEMENTS else 1
     pad = [padding, padding]
-    if threads <= 1:
+    if torch.get_num_threads() <= 1 or x.numel() < SPLIT_MIN_ELEMENTS:
         return torch._nnpack_spatial_convolution(x, kernel, bias, pad)
     out = x.new_empty((n, kernel.shape[0], *(x.shape[d] + 2 * padding - kernel.shape[d] + 1
                                              for d in (2, 3))))
-    bounds = [n * i // threads for i in range(threads + 1)]
 
-    def part(i: int) -> None:
-        a, b = bounds[i], bounds[i + 1]
+    def part(a: int, b: int) -> None:
         torch.ops.aten._nnpack_spatial_convolution.out(x[a:b], kernel, bias, pad, [1, 1],
                                                         out=out[a:b])
 
-    helpers = shared_pool("fft", max(1, (os.cpu_count() or 2) - 1))
-    others = [helpers.submit(part, i) for i in range(1, threads)]
-    part(0)
-    for done in others:
-        done.result()
+    run_split(n, part, True, helper_pool)
     return out
 
 

@@ -46,7 +46,7 @@ from torch._C._functorch import is_batchedtensor
 
 from engine.errors import UserError
 from engine.max_pool import MAX_CODED_WIDTH
-from engine.task_threads import shared_pool
+from engine.task_threads import helper_pool, run_split
 
 log = logging.getLogger(__name__)
 
@@ -123,26 +123,14 @@ def _bind(lib: ctypes.CDLL) -> ctypes.CDLL:
 
 
 def _over_channels(x: torch.Tensor, call) -> None:
-    """Run `call(c0, c1)` over all of x's channels, split across as many threads as the calling
-    thread's torch intra-op count where the tensor is large enough to repay the hand-off (task
-    threads of a two-core machine run with one, so they never split). Channels are independent:
-    the results are the same however they are split."""
-    channels = x.shape[1]
-    threads = min(torch.get_num_threads(), channels) if x.numel() >= PARALLEL_MIN_ELEMENTS else 1
-    if threads <= 1:
-        call(0, channels)
-        return
-    bounds = [channels * i // threads for i in range(threads + 1)]
-    helpers = _helpers()
-    others = [helpers.submit(call, bounds[i], bounds[i + 1]) for i in range(1, threads)]
-    call(bounds[0], bounds[1])
-    for done in others:
-        done.result()
+    """Run `call(c0, c1)` over all of x's channels, split across the calling thread's intra-op
+    threads where the tensor is large enough to repay the hand-off (task_threads.run_split)."""
+    run_split(x.shape[1], call, x.numel() >= PARALLEL_MIN_ELEMENTS, _helpers)
 
 
 def _helpers() -> ThreadPoolExecutor:
     """The threads that take the other parts of a split call (the caller takes the first)."""
-    return shared_pool("fused", max(1, (os.cpu_count() or 2) - 1))
+    return helper_pool()
 
 
 def applies(x: torch.Tensor) -> bool:

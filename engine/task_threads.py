@@ -37,12 +37,37 @@ def shared_pool(name: str, workers: int) -> ThreadPoolExecutor:
     """The process's pool `name` of `workers` threads, made on first use and kept. Per process
     id: a forked child has none of its parent's threads, so work queued on the pool object it
     copied would wait for ever. Per name: a pool's threads may wait on another pool's work
-    (task threads on engine/fused_cpu.py's helpers), never on their own pool's."""
+    (task threads on the helpers of `run_split`), never on their own pool's."""
     key = (os.getpid(), name, workers)
     with _lock:
         if key not in _pools:
             _pools[key] = ThreadPoolExecutor(workers, thread_name_prefix=f"mamlpp-{name}")
         return _pools[key]
+
+
+def helper_pool() -> ThreadPoolExecutor:
+    """The threads that take the other parts of a `run_split` call (the caller takes the
+    first). They run only such parts and never wait on other work."""
+    return shared_pool("helpers", max(1, (os.cpu_count() or 2) - 1))
+
+
+def run_split(count: int, call: Callable[[int, int], object], split: bool,
+              helpers: Callable[[], ThreadPoolExecutor] = helper_pool) -> None:
+    """Run `call(a, b)` over [0, count): where `split` (the work is large enough to repay the
+    hand-off), cut into as many contiguous ranges as the calling thread's torch intra-op count,
+    the caller taking the first and `helpers()` the others (task threads of a two-core machine
+    run with one, so they never split). For work whose parts are independent (engine/fused_cpu.py's
+    channels, engine/fft_conv.py's images): the results are the same however it is cut."""
+    parts = min(torch.get_num_threads(), count) if split else 1
+    if parts <= 1:
+        call(0, count)
+        return
+    bounds = [count * i // parts for i in range(parts + 1)]
+    pool = helpers()
+    others = [pool.submit(call, bounds[i], bounds[i + 1]) for i in range(1, parts)]
+    call(bounds[0], bounds[1])
+    for done in others:
+        done.result()
 
 
 def auto_workers(device: torch.device) -> int:
