@@ -21,6 +21,9 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+
 from benchmarks.op_timing import best_ms  # noqa: E402
 
 # (images, in channels, out channels, side): Omniglot's second stage (support and query
@@ -109,7 +112,4 @@ def main() -> int:
 
 
 if __name__ == "__main__":
-    import torch
-    import torch.nn.functional as F
-
     raise SystemExit(main())
