@@ -132,14 +132,14 @@ def _profile(preset: str, steps: int) -> dict:
     from torch.profiler import ProfilerActivity, profile
     from torch.utils.flop_counter import FlopCounterMode
 
-    from engine.bench import _one_task_thread, _update
+    from engine.bench import _counted_path, _update
 
     learner, sampler, weights = one_thread_learner(preset)
     t = learner.config.train
     batches = [sampler.batch(i * t.meta_batch, t.meta_batch) for i in range(steps + 1)]
     _update(learner, batches[0], weights, True)  # warm-up: allocator, first-call setup
     counter = FlopCounterMode(display=False)
-    with _one_task_thread(learner), counter:  # tasks counted unfolded (engine/bench.py)
+    with _counted_path(learner), counter:  # tasks counted unfolded (engine/bench.py)
         _update(learner, batches[0], weights, True)
     by_op = counter.get_flop_counts().get("Global", {})
     conv_flops = sum(int(v) for k, v in by_op.items() if "convolution" in str(k))

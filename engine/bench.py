@@ -289,12 +289,13 @@ def _config(job: dict):
 
 
 @contextlib.contextmanager
-def _one_task_thread(learner):
-    """The FLOP counter is a dispatch mode, which is per thread: count on the calling one, one
-    task per pass (torch's counter takes a grouped convolution's weight gradient for a dense
-    one, G times the FLOPs of the same arithmetic unfolded), convolutions as torch's (it has
-    no formula for NNPACK's: engine/fft_conv.py's would not count; the roofline counts the
-    direct algorithm's arithmetic)."""
+def _counted_path(learner):
+    """The learner on a path torch's FLOP counter counts whole. The counter is a dispatch mode,
+    which is per thread: count on the calling one, one task per pass (torch's counter takes a
+    grouped convolution's weight gradient for a dense one, G times the FLOPs of the same
+    arithmetic unfolded), convolutions as torch's (it has no formula for NNPACK's:
+    engine/fft_conv.py's would not count; the roofline counts the direct algorithm's
+    arithmetic)."""
     paths = learner.paths
     learner.paths = replace(paths, task_threads=1, task_threads_second_order=1, task_group=1,
                             fft_conv=False)
@@ -307,7 +308,7 @@ def _one_task_thread(learner):
 def count_step_flops(learner, batch, weights: list[float], second_order: bool) -> int:
     """FLOPs of one meta-update (`learner.update`); performs the update."""
     counter = FlopCounterMode(display=False)
-    with _one_task_thread(learner), counter:
+    with _counted_path(learner), counter:
         _update(learner, batch, weights, second_order)
     return int(counter.get_total_flops())
 
@@ -453,7 +454,7 @@ def _eval_tasks(job: dict, cfg, dataset, device, n: int) -> dict[str, Any]:
 def eval_flops_per_task(learner, sampler, device) -> int:
     """FLOPs of adapting to one validation task and predicting its queries (loop impl)."""
     counter = FlopCounterMode(display=False)
-    with _one_task_thread(learner), counter:
+    with _counted_path(learner), counter:
         learner.evaluate(sampler.batch(0, 1).to(device), impl="loop")
     return int(counter.get_total_flops())
 
