@@ -44,13 +44,14 @@ def child_json(argv: list[str], cwd: str | Path, env: dict[str, str] | None = No
         return json.loads(out.read_text())
 
 
-def second_order_steps(preset: str, variants: dict[str, list[str]], rounds: int,
-                       around: Callable[[str], object] | None = None) -> dict:
-    """Second-order steps of `preset` (every step's loss counting) alternating between learners
-    made with each variant's config overrides, on the same meta-batches; `around(name)`, if
-    given, is a context manager entered around each of that variant's steps. The report has
-    each round's seconds and losses and the median ratio of the first variant's time over the
-    second's."""
+def alternating_steps(preset: str, variants: dict[str, list[str]], rounds: int,
+                      around: Callable[[str], object] | None = None, second_order: bool = True,
+                      every_step: bool = True) -> dict:
+    """Training steps of `preset` (second or first order; every step's loss counting, the MSL
+    phase, or only the last's) alternating between learners made with each variant's config
+    overrides, on the same meta-batches; `around(name)`, if given, is a context manager entered
+    around each of that variant's steps. The report has each round's seconds and losses and the
+    median ratio of the first variant's time over the second's."""
     from contextlib import nullcontext
 
     from engine.bench import synthetic_dataset
@@ -64,20 +65,23 @@ def second_order_steps(preset: str, variants: dict[str, list[str]], rounds: int,
     configs = {k: resolve(preset, overrides=v) for k, v in variants.items()}
     cfg = configs[names[0]]
     t = cfg.train
-    weights = msl_weights(0, t.inner_steps, cfg.maml_pp.msl_epochs, cfg.maml_pp.msl)
+    epoch = 0 if every_step else cfg.maml_pp.msl_epochs
+    weights = msl_weights(epoch, t.inner_steps, cfg.maml_pp.msl_epochs, cfg.maml_pp.msl)
     sampler = sampler_for(cfg, "train", synthetic_dataset(cfg))
     learners = {k: MetaLearner(c, "cpu") for k, c in configs.items()}
     losses: dict[str, list[float]] = {name: [] for name in learners}
 
     def step(name, batch):
         with around(name) if around else nullcontext():
-            metrics = learners[name].update(batch, weights, True, meta_lr(0, cfg))
+            metrics = learners[name].update(batch, weights, second_order, meta_lr(0, cfg))
         losses[name].append(metrics.loss)
 
     seconds = alternate(step, names, sampler, t.meta_batch, rounds)
     ratio = median_speedup(seconds, names[0], names[1])
-    print(f"{preset} second order: {names[0]} {statistics.median(seconds[names[0]]):.3f} s, "
+    order = "second" if second_order else "first"
+    print(f"{preset} {order} order{'' if every_step else ', last step'}: "
+          f"{names[0]} {statistics.median(seconds[names[0]]):.3f} s, "
           f"{names[1]} {statistics.median(seconds[names[1]]):.3f} s, {ratio:.3f}x", flush=True)
-    return {"preset": preset, "order": "second", "msl_phase": True,
+    return {"preset": preset, "order": order, "msl_phase": every_step,
             "paths": {k: v.paths.to_dict() for k, v in learners.items()}, "seconds": seconds,
             "losses": losses, "speedup_median_ratio": ratio}

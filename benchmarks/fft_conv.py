@@ -79,10 +79,10 @@ def _op_row(shape) -> dict:
 
 
 def _steps(preset: str, rounds: int) -> dict:
-    from benchmarks.alternating import second_order_steps
+    from benchmarks.alternating import alternating_steps
 
-    return second_order_steps(preset, {k: [f"train.fft_conv={k}"] for k in ("off", "on")},
-                              rounds)
+    return alternating_steps(preset, {k: [f"train.fft_conv={k}"] for k in ("off", "on")},
+                             rounds)
 
 
 def main() -> int:

@@ -166,11 +166,11 @@ def _steps(preset: str, rounds: int, second: bool = False) -> dict:
     kernels on and the second derivative in torch's ops or compiled."""
     from contextlib import contextmanager
 
-    from benchmarks.alternating import second_order_steps
+    from benchmarks.alternating import alternating_steps
     from engine import batch_norm
 
     if not second:
-        return second_order_steps(
+        return alternating_steps(
             preset, {k: [f"train.fused_kernels={k}"] for k in ("off", "on")}, rounds)
 
     @contextmanager
@@ -181,9 +181,9 @@ def _steps(preset: str, rounds: int, second: bool = False) -> dict:
         finally:
             batch_norm.COMPILED_SECOND_DERIVATIVE = True
 
-    return second_order_steps(preset, {k: ["train.fused_kernels=on"]
-                                       for k in ("torch_ops", "compiled")}, rounds,
-                              second_derivative)
+    return alternating_steps(preset, {k: ["train.fused_kernels=on"]
+                                      for k in ("torch_ops", "compiled")}, rounds,
+                             second_derivative)
 
 
 def main() -> int:

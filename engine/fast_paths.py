@@ -18,12 +18,18 @@ the engine's defaults") has the numbers, benchmarks/results/ the reports.
   folds the meta-batch's share of one auto task thread, so it depends on the core count, never
   on an explicit train.task_threads. Evaluation adapts one task per pass (engine/adapt.py
   promises a task the same logits in any batch).
-- channels_last: on CPU for first-order steps (evaluation, first-order training), where it is
-  faster (torch's NCHW max-pool is much slower than its channels-last one on the CPU).
-  Second-order support passes stay NCHW: channels-last was slower or no faster there (NCHW
-  max-pool goes through a channels-last copy, engine/max_pool.py). Their query passes go
-  channels-last only for small images on several task threads, the one case where it paid.
-  Off on CUDA until measured there (run_gpu.sh does).
+- channels_last: on CPU, the passes that do not take the compiled kernels and NNPACK's
+  convolutions run channels-last, where torch's ops are faster (its NCHW max-pool is much
+  slower than its channels-last one on the CPU). Tasks larger than FOLD_MAX_ELEMENTS, with
+  fused_kernels and fft_conv both on, run every pass NCHW through them: first-order steps
+  measured 1.16-1.25x faster than channels-last on mini-ImageNet and Omniglot 20-way 5-shot,
+  evaluation 1.14-1.22x, the other Omniglot presets 0.99-1.06x (benchmarks/first_order_layout.py;
+  either alone was slower than channels-last). Small tasks (the folded ones) keep channels-last
+  in first-order steps and evaluation (NCHW evaluated 0.7x there). Second-order support passes
+  stay NCHW: channels-last was slower or no faster there (NCHW max-pool goes through a
+  channels-last copy, engine/max_pool.py). Their query passes go channels-last only for small
+  images on several task threads, the one case where it paid. Off on CUDA until measured there
+  (run_gpu.sh does).
 - shared_arena: on CPU for images over SMALL_IMAGE px: task threads then reuse the training
   heap instead of each keeping an arena of its own (engine/allocator.py).
 - fused_kernels: on CPU, batch norm and the max-pool of float32 NCHW training passes as the
@@ -32,9 +38,8 @@ the engine's defaults") has the numbers, benchmarks/results/ the reports.
   Their forward was 4-7x and backward 1.5-2.8x faster than torch's ops; second-order steps
   1.09-1.23x faster on mini-ImageNet, 1.00-1.07x on Omniglot (benchmarks/fused_kernels.py);
   compiling the backward's own derivative too made them 1.04-1.11x faster again (`--second`).
-  Not in evaluation, whose passes are channels-last on CPU and whose logits engine/adapt.py
-  reproduces.
-- fft_conv: on CPU (per-task loop), the 3x3 convolutions of float32 NCHW training passes that
+  Also in first-order steps and evaluation where those are NCHW (channels_last above).
+- fft_conv: on CPU (per-task loop), the 3x3 convolutions of float32 NCHW passes that
   engine/fft_conv.py takes (NNPACK's 16x16 Fourier transform: Omniglot's 14x14 second stage,
   mini-ImageNet's 42x42 one) and their derivatives; there a convolution's second-order pass
   measured 1.6-1.8x (14x14) and 1.5x (42x42) faster than oneDNN's, whole second-order
@@ -118,13 +123,15 @@ def resolve_impl(impl: str, device: torch.device) -> str:
     return "vmap" if device.type == "cuda" else "loop"
 
 
-def fast_paths(config: Config, device: torch.device) -> FastPaths:
+def fast_paths(config: Config, device: torch.device, kernels_built: bool = True,
+               nnpack: bool = True) -> FastPaths:
+    """The resolved paths; `kernels_built` / `nnpack` False: engine/fused_cpu.py's kernels did
+    not build / torch has no NNPACK, so auto does without them (and lays passes out for that)."""
     t = config.train
     if t.impl == "reference":  # the plain definition: one task at a time, NCHW, float32
         precision = t.precision if t.precision != "auto" else "float32"
         return FastPaths("reference", 1, 1, "never", False, precision, task_group=1)
     cpu = device.type == "cpu"
-    layout = t.channels_last if t.channels_last != "auto" else ("first_order" if cpu else "never")
     precision = t.precision if t.precision != "auto" else ("float32" if cpu else "tf32")
     fits = SECOND_ORDER_BUDGET // max(1, second_order_task_bytes(config))
     small = config.image_shape[1] <= SMALL_IMAGE
@@ -133,6 +140,13 @@ def fast_paths(config: Config, device: torch.device) -> FastPaths:
     threads = t.task_threads or workers
     second = t.task_threads or auto_second
     impl = resolve_impl(t.impl, device)
+    loop = cpu and impl == "loop"
+    fused = t.fused_kernels == "on" or (t.fused_kernels == "auto" and loop and kernels_built
+                                        and toolchain() is None)
+    fft = t.fft_conv == "on" or (t.fft_conv == "auto" and loop and nnpack)
+    large = first_stage_elements(config) > FOLD_MAX_ELEMENTS
+    layout = t.channels_last if t.channels_last != "auto" else (
+        "never" if not cpu or (fused and fft and large) else "first_order")
     return FastPaths(
         impl=impl,
         task_threads=threads,
@@ -145,10 +159,9 @@ def fast_paths(config: Config, device: torch.device) -> FastPaths:
         precision=precision,
         shared_arena=cpu and not small,
         task_group=t.task_group or (_auto_group(config, workers, fits // auto_second)
-                                    if cpu and impl == "loop" else 1),
-        fused_kernels=t.fused_kernels == "on" or (
-            t.fused_kernels == "auto" and cpu and impl == "loop" and toolchain() is None),
-        fft_conv=t.fft_conv == "on" or (t.fft_conv == "auto" and cpu and impl == "loop"),
+                                    if loop else 1),
+        fused_kernels=fused,
+        fft_conv=fft,
     )
 
 

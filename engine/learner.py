@@ -14,7 +14,7 @@ query losses; `outer_step` clamps, checks and applies one Adam update.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 
 import torch
 
@@ -77,13 +77,14 @@ class MetaLearner:
         self.dtype = dtype
         self.spec = NetSpec.from_config(config)
         self.paths = fast_paths(config, self.device)
-        if self.paths.fused_kernels and fused_cpu.load(config.train.fused_kernels == "on") is None:
-            self.paths = replace(self.paths, fused_kernels=False)  # auto, and the build failed
-        if self.paths.fft_conv and not fft_conv.supported():
-            if config.train.fft_conv == "on":
-                raise UserError("train.fft_conv = on, but this torch has no NNPACK for this CPU; "
-                                "set train.fft_conv = auto or off.")
-            self.paths = replace(self.paths, fft_conv=False)
+        built = (not self.paths.fused_kernels
+                 or fused_cpu.load(config.train.fused_kernels == "on") is not None)
+        nnpack = not self.paths.fft_conv or fft_conv.supported()
+        if not nnpack and config.train.fft_conv == "on":
+            raise UserError("train.fft_conv = on, but this torch has no NNPACK for this CPU; "
+                            "set train.fft_conv = auto or off.")
+        if not (built and nnpack):  # auto, and the kernels' build failed or NNPACK is missing
+            self.paths = fast_paths(config, self.device, kernels_built=built, nnpack=nnpack)
         self.paths.apply_global(self.device)
         self.impl = self.paths.impl
         if self.device.type == "cpu":
@@ -210,7 +211,8 @@ class MetaLearner:
         impl = impl or self.impl
         steps = steps or self.config.train.eval_inner_steps
         plan = InnerPlan(steps, (steps - 1,), second_order=False, track_stats=False,
-                         use_running=self.config.maml_pp.bn_eval_stats == "running")
+                         use_running=self.config.maml_pp.bn_eval_stats == "running",
+                         fused=self.paths.fused_kernels, fft_conv=self.paths.fft_conv)
         batch = self._place(batch, second_order=False)
         with self.paths.autocast(self.device):
             result = meta_batch(self.meta, batch, plan, None, impl, chunk,

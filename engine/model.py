@@ -148,16 +148,16 @@ def forward(
             x = F.conv2d(x, weight, bias, padding=1, groups=groups)
         w_bn, b_bn = bn[f"bn{i}.weight"], bn[f"bn{i}.bias"]
         w, b = w_bn[row(step, w_bn.shape[0])], b_bn[row(step, b_bn.shape[0])]
+        compiled = fused and running is None and fused_cpu.applies(x)
         if running is not None:
             mean, var = running[f"bn{i}.running_mean"], running[f"bn{i}.running_var"]
             r = row(step, mean.shape[0])
             x = F.batch_norm(x, mean[r], var[r], w, b, training=False, eps=BN_EPS)
-        elif track or lean_second_order or fused:
+        elif track or lean_second_order or compiled:
             # batch norm computes the batch mean and 1/sqrt(var + eps) anyway: reuse them
             # rather than pay a separate mean/var pass (benchmarks/README.md); running sets
             # want unbiased var
             n = x.numel() // x.shape[1]
-            compiled = fused and fused_cpu.applies(x)
             if compiled or (lean_second_order and x.is_contiguous()
                             and x.numel() // groups >= FUSED_POOL_MIN):
                 x, mean, invstd = batch_norm_pool(x, w, b, BN_EPS, compiled)

@@ -153,6 +153,58 @@ def test_auto_resolves_per_device(four_torch_threads):
     assert (cpu.impl, cpu.task_threads, cpu.layout_for(True)) == ("vmap", 3, (True, True))
 
 
+def test_auto_lays_large_tasks_out_nchw_only_with_both_kernels(monkeypatch):
+    """Tasks larger than FOLD_MAX_ELEMENTS run first-order steps and evaluation NCHW, where
+    the compiled kernels and NNPACK take them; without either (or for small, folded tasks, or
+    an explicit layout) those passes stay channels-last."""
+    import engine.fast_paths as module
+
+    monkeypatch.setattr(module, "toolchain", lambda: None)
+    cpu = torch.device("cpu")
+    for name in ("omniglot-5w5s", "omniglot-20w1s", "omniglot-20w5s", "miniimagenet-5w1s"):
+        cfg = resolve(name)
+        assert first_stage_elements(cfg) > FOLD_MAX_ELEMENTS
+        paths = fast_paths(cfg, cpu)
+        assert paths.fused_kernels and paths.fft_conv and paths.channels_last == "never", name
+        assert paths.layout_for(second_order=False) == (False, False), name
+        for missing in ({"kernels_built": False}, {"nnpack": False}):
+            without = fast_paths(cfg, cpu, **missing)
+            assert without.layout_for(second_order=False) == (True, True), (name, missing)
+    second = fast_paths(resolve("omniglot-20w1s"), cpu)  # several task threads, small images
+    assert second.layout_for(second_order=True) == (False, second.task_threads_second_order > 1)
+    assert fast_paths(resolve("omniglot-5w1s"), cpu).layout_for(second_order=False) == (True, True)
+    explicit = resolve("miniimagenet-5w1s", overrides=["train.channels_last=first_order"])
+    assert fast_paths(explicit, cpu).layout_for(second_order=False) == (True, True)
+    off = resolve("miniimagenet-5w1s", overrides=["train.fft_conv=off"])
+    assert fast_paths(off, cpu).layout_for(second_order=False) == (True, True)
+    monkeypatch.setattr(module, "toolchain", lambda: "no C compiler (cc) on PATH")
+    assert fast_paths(resolve("miniimagenet-5w1s"), cpu).channels_last == "first_order"
+    assert fast_paths(resolve("miniimagenet-5w1s"), torch.device("cuda")).channels_last == "never"
+
+
+def test_learner_lays_passes_out_for_the_kernels_it_got(monkeypatch):
+    """A failed build (auto) or a torch without NNPACK: the learner resolves the layout again,
+    so first-order passes do not run NCHW through torch's slow NCHW max-pool."""
+    import engine.fast_paths as module
+    from engine import fft_conv, fused_cpu
+
+    monkeypatch.setattr(module, "toolchain", lambda: None)
+    cfg = small_config("train.task_group=1", "data.ways=5", "data.shots=5", "model.filters=64")
+    assert first_stage_elements(cfg) > FOLD_MAX_ELEMENTS
+    monkeypatch.setattr(fused_cpu, "load", lambda required=False: object())
+    monkeypatch.setattr(fft_conv, "supported", lambda: True)
+    assert MetaLearner(cfg).paths.layout_for(second_order=False) == (False, False)
+    monkeypatch.setattr(fft_conv, "supported", lambda: False)
+    learner = MetaLearner(cfg)
+    assert not learner.paths.fft_conv and learner.paths.fused_kernels
+    assert learner.paths.layout_for(second_order=False) == (True, True)
+    monkeypatch.setattr(fft_conv, "supported", lambda: True)
+    monkeypatch.setattr(fused_cpu, "load", lambda required=False: None)
+    learner = MetaLearner(cfg)
+    assert not learner.paths.fused_kernels and learner.paths.fft_conv
+    assert learner.paths.layout_for(second_order=False) == (True, True)
+
+
 def test_auto_task_group_folds_small_tasks_on_cpu_only(four_torch_threads):
     """Auto folds one auto thread's share of the meta-batch where a task's first-stage
     activations are at most FOLD_MAX_ELEMENTS, whatever train.task_threads says."""
