@@ -81,38 +81,49 @@ def _reference_hours(preset: str, s_per_iter: float, s_per_task: float) -> float
     return estimate(cfg, every, s_per_task)["total_hours"]
 
 
-def rows(dates: tuple[str, ...], prefer: tuple[str, ...] = ()) -> list[dict]:
+def _ratio(rounds: list[dict], key: str) -> float:
+    """The median over rounds of the reference's figure over mamlpp's (vs_reference.py's)."""
+    return statistics.median(r["reference"][key] / r["mamlpp"][key] for r in rounds)
+
+
+def rows(dates: tuple[str, ...], prefer: tuple[str, ...] = (),
+         pool_second: tuple[str, ...] = ()) -> list[dict]:
     """`dates`: the first that has a preset's result gives it. `prefer`: suffixes of later
     measurements of a date (results/vs-reference-PRESET-DATE-SUFFIX.json), the first a preset
-    has taken over the date's plain file."""
+    has taken over the date's plain file. `pool_second`: suffixes of that date's files whose
+    second-order rounds ran the same second-order path: the second-order figures (s/iter, the
+    speed-up, peak memory) are medians over their rounds too; validation is the file's own."""
     whole = _whole_runs(dates)
     bench_flops = _bench_flops(dates)
     out = []
     for preset in PRESETS:
-        candidates = [RESULTS / f"vs-reference-{preset}-{date}{s}.json"
+        candidates = [(date, RESULTS / f"vs-reference-{preset}-{date}{s}.json")
                       for date in dates for s in (*(f"-{s}" for s in prefer), "")]
-        path = next((p for p in candidates if p.exists()), None)
+        date, path = next(((d, p) for d, p in candidates if p.exists()), (None, None))
         if path is None or preset not in whole:
             continue
-        report = json.loads(path.read_text())
-        rounds = report["rounds"]
+        rounds = json.loads(path.read_text())["rounds"]
+        pooled = [RESULTS / f"vs-reference-{preset}-{date}-{s}.json" for s in pool_second]
+        second = rounds + [r for p in pooled if p.exists() and p != path
+                           for r in json.loads(p.read_text())["rounds"]]
         run = whole[preset]
         first = next(p["s_per_iter"] for p in run["phases"]
                      if not p["second_order"] and p["every_step_loss"])
-        ref_iter = _median(rounds, "reference", "s_per_iter")
+        ref_iter = _median(second, "reference", "s_per_iter")
         ref_task = _median(rounds, "reference", "s_per_task")
         out.append({
             "preset": preset,
             "file": path.name,
+            "second_rounds": len(second),
             "first": first,
-            "second": _median(rounds, "mamlpp", "s_per_iter"),
+            "second": _median(second, "mamlpp", "s_per_iter"),
             "ref_second": ref_iter,
-            "speedup_second": report["speedup_second_order"],
+            "speedup_second": _ratio(second, "s_per_iter"),
             "val": _median(rounds, "mamlpp", "s_per_task"),
             "ref_val": ref_task,
-            "speedup_val": report["speedup_validation"],
-            "rss": _median(rounds, "mamlpp", "train_peak_rss_gib"),
-            "ref_rss": _median(rounds, "reference", "train_peak_rss_gib"),
+            "speedup_val": _ratio(rounds, "s_per_task"),
+            "rss": _median(second, "mamlpp", "train_peak_rss_gib"),
+            "ref_rss": _median(second, "reference", "train_peak_rss_gib"),
             "hours": run["schedule"]["total_hours"],
             "ref_hours": _reference_hours(preset, ref_iter, ref_task),
             "flops": _step_flops(dates, preset),
@@ -163,9 +174,13 @@ def main() -> int:
     parser.add_argument("--prefer", default="", metavar="SUFFIX[,SUFFIX...]",
                         help="use vs-reference-PRESET-DATE-SUFFIX.json where it exists, the "
                              "first suffix first")
+    parser.add_argument("--pool-second", default="", metavar="SUFFIX[,SUFFIX...]",
+                        help="also take the second-order rounds of the chosen file's date's "
+                             "vs-reference-PRESET-DATE-SUFFIX.json (the same second-order path)")
     args = parser.parse_args()
     table = rows(tuple(d for d in args.date.split(",") if d),
-                 tuple(s for s in args.prefer.split(",") if s))
+                 tuple(s for s in args.prefer.split(",") if s),
+                 tuple(s for s in args.pool_second.split(",") if s))
     if not table:
         print(f"error: no vs-reference and whole-run results for {args.date} in {RESULTS}.",
               file=sys.stderr)
@@ -174,7 +189,8 @@ def main() -> int:
     print()
     print(roofline(table))
     print()
-    print("from " + ", ".join(r["file"] for r in table))
+    print("from " + ", ".join(f"{r['file']} ({r['second_rounds']} second-order rounds)"
+                              for r in table))
     return 0
 
 

@@ -27,7 +27,7 @@ DATASETS = ("omniglot", "miniimagenet", "quickstart")
 CHANNELS_LAST = ("auto", "never", "first_order", "always")  # steps run channels-last
 PRECISIONS = ("auto", "float32", "tf32", "bf16")
 FUSED_KERNELS = ("auto", "on", "off")  # engine/fused_cpu.py's compiled CPU kernels
-FFT_CONV = ("auto", "on", "off")  # engine/fft_conv.py's convolutions in training passes
+FFT_CONV = ("auto", "on", "off")  # engine/fft_conv.py's convolutions in NCHW passes
 # reference: engine/reference.py, the plain definition the fast paths are tested against
 IMPLS = ("auto", "loop", "vmap", "reference")
 # (channels, height/width) of the images each dataset feeds the network.
