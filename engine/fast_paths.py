@@ -18,21 +18,21 @@ the engine's defaults") has the numbers, benchmarks/results/ the reports.
   folds the meta-batch's share of one auto task thread, so it depends on the core count, never
   on an explicit train.task_threads. Evaluation adapts one task per pass (engine/adapt.py
   promises a task the same logits in any batch).
-- channels_last: on CPU, the passes that do not take the compiled kernels and NNPACK's
+- channels_last: on CPU, passes that do not take the compiled kernels and NNPACK's
   convolutions run channels-last, where torch's ops are faster (its NCHW max-pool is much
   slower than its channels-last one on the CPU). Tasks larger than FOLD_MAX_ELEMENTS, with
-  fused_kernels and fft_conv both on, run every pass NCHW through them: first-order steps
-  measured 1.16-1.25x faster than channels-last on mini-ImageNet and Omniglot 20-way 5-shot,
-  evaluation 1.14-1.22x, the other Omniglot presets 0.99-1.06x (benchmarks/first_order_layout.py;
-  either alone was slower than channels-last). Small tasks (the folded ones) keep channels-last
-  in first-order steps and evaluation (NCHW evaluated 0.7x there). Second-order support passes
-  stay NCHW: channels-last was slower or no faster there (NCHW max-pool goes through a
-  channels-last copy, engine/max_pool.py). Their query passes go channels-last only for small
-  images on several task threads, the one case where it paid. Off on CUDA until measured there
-  (run_gpu.sh does).
+  fused_kernels and fft_conv both on, run their passes NCHW through them (but for the
+  second-order queries below): first-order steps measured 1.16-1.25x faster than channels-last
+  on mini-ImageNet and Omniglot 20-way 5-shot, evaluation 1.13-1.22x, the other Omniglot
+  presets 0.98-1.08x (benchmarks/first_order_layout.py; either piece alone was no faster than
+  channels-last). Small tasks (the folded ones) keep channels-last in first-order steps and
+  evaluation (NCHW evaluated 0.7x there). Second-order support passes are NCHW: channels-last
+  was slower or no faster there (NCHW max-pool goes through a channels-last copy,
+  engine/max_pool.py). Their query passes go channels-last only for small images on several
+  task threads, the one case where it paid. Off on CUDA until measured there (run_gpu.sh does).
 - shared_arena: on CPU for images over SMALL_IMAGE px: task threads then reuse the training
   heap instead of each keeping an arena of its own (engine/allocator.py).
-- fused_kernels: on CPU, batch norm and the max-pool of float32 NCHW training passes as the
+- fused_kernels: on CPU, batch norm and the max-pool of float32 NCHW passes as the
   compiled kernels of engine/fused_cpu.py where a C compiler can build them (second-order
   steps: the support passes and, on mini-ImageNet and one task per thread, the query passes).
   Their forward was 4-7x and backward 1.5-2.8x faster than torch's ops; second-order steps
