@@ -245,10 +245,9 @@ def _zombie(pid):
         return True
 
 
-def test_kill9_at_random_moments_then_resume_is_bit_identical(home, finished):
-    # kill at random iterations (the status is written every iteration of this config)
-    targets = sorted(random.Random(7).sample(range(1, 12), 3))
-    run_id = start(home, "train.checkpoint_every=3", name="killed")
+def _kill_and_resume_at(home, run_id, targets) -> int:
+    """SIGKILL the run once its status reaches each target iteration and resume it; returns
+    how many kills landed before it finished."""
     kills = 0
     for target in targets:
         wait_for(lambda t=target: status(home, run_id).get("iteration", 0) >= t
@@ -263,7 +262,21 @@ def test_kill9_at_random_moments_then_resume_is_bit_identical(home, finished):
             assert r.returncode == 0, r.stderr + story(home, run_id)
     assert wait_for(lambda: status(home, run_id)["state"] == "finished", timeout=120), \
         story(home, run_id)
-    assert kills >= 2, (targets, story(home, run_id))
+    return kills
+
+
+def test_kill9_at_random_moments_then_resume_is_bit_identical(home, finished):
+    # kill at random iterations (the status is written every iteration of this config); a
+    # resumed 12-iteration run can finish before the poller sees a later target when the test
+    # shares the CPU with other tests, so a run with fewer than two kills is run again
+    targets = sorted(random.Random(7).sample(range(1, 12), 3))
+    attempts = []
+    for attempt in range(3):
+        run_id = start(home, "train.checkpoint_every=3", name=f"killed-{attempt}")
+        attempts.append(_kill_and_resume_at(home, run_id, targets))
+        if attempts[-1] >= 2:
+            break
+    assert attempts[-1] >= 2, (targets, attempts, story(home, run_id))
     a, b = final_tensors(home, run_id), final_tensors(home, finished)
     assert a.keys() == b.keys()
     for k in a:
