@@ -37,7 +37,6 @@ import shutil
 import subprocess
 import tempfile
 import threading
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import platformdirs
@@ -125,12 +124,7 @@ def _bind(lib: ctypes.CDLL) -> ctypes.CDLL:
 def _over_channels(x: torch.Tensor, call) -> None:
     """Run `call(c0, c1)` over all of x's channels, split across the calling thread's intra-op
     threads where the tensor is large enough to repay the hand-off (task_threads.run_split)."""
-    run_split(x.shape[1], call, x.numel() >= PARALLEL_MIN_ELEMENTS, _helpers)
-
-
-def _helpers() -> ThreadPoolExecutor:
-    """The threads that take the other parts of a split call (the caller takes the first)."""
-    return helper_pool()
+    run_split(x.shape[1], call, x.numel() >= PARALLEL_MIN_ELEMENTS, helper_pool)
 
 
 def applies(x: torch.Tensor) -> bool:

@@ -175,8 +175,8 @@ def test_a_call_split_over_intra_op_threads_gives_the_same_bits(monkeypatch):
     monkeypatch.setattr(fused_cpu, "PARALLEL_MIN_ELEMENTS", 1 << 60)
     whole = all_three()
     submitted = []
-    pool = fused_cpu._helpers()
-    monkeypatch.setattr(fused_cpu, "_helpers", lambda: pool)
+    pool = fused_cpu.helper_pool()
+    monkeypatch.setattr(fused_cpu, "helper_pool", lambda: pool)
     monkeypatch.setattr(pool, "submit", lambda fn, *a: submitted.append(a) or
                         type(pool).submit(pool, fn, *a))
     monkeypatch.setattr(fused_cpu, "PARALLEL_MIN_ELEMENTS", 0)
@@ -197,16 +197,16 @@ def test_a_forked_process_gets_helper_threads_of_its_own(monkeypatch):
     for ever, so the kernels' helpers and the task threads' pools are per process id."""
     import os
 
-    from engine.task_threads import task_threads
+    from engine.task_threads import helper_pool, task_threads
 
     def task_pool():
         with task_threads(2, 2) as pool:
             return pool
 
-    parent, parent_tasks = fused_cpu._helpers(), task_pool()
-    assert fused_cpu._helpers() is parent and task_pool() is parent_tasks
+    parent, parent_tasks = helper_pool(), task_pool()
+    assert helper_pool() is parent and task_pool() is parent_tasks
     monkeypatch.setattr(os, "getpid", lambda: -1)
-    child, child_tasks = fused_cpu._helpers(), task_pool()
+    child, child_tasks = helper_pool(), task_pool()
     assert child is not parent and child_tasks is not parent_tasks
     assert child is not child_tasks  # a task thread may wait on helpers
     assert child.submit(lambda: 7).result(timeout=60) == 7
