@@ -10,8 +10,7 @@ import torch.nn.functional as F
 from engine import fft_conv
 from engine.errors import UserError
 from engine.learner import MetaLearner
-from engine.tasks import TaskBatch
-from tests.helpers import flat, meta_grads, small_config
+from tests.helpers import flat, meta_grads, random_batch, small_config
 
 needs_nnpack = pytest.mark.skipif(not fft_conv.supported(), reason="no NNPACK in this torch")
 
@@ -168,8 +167,6 @@ def test_evaluation_through_the_fast_nchw_passes_is_as_precise_as_channels_last(
     """Evaluation (first order, no graph) with NCHW passes through NNPACK and, where they build,
     the compiled kernels, against the same evaluation in float64: as close as the channels-last
     passes of torch's ops are; and a task's logits the same bits alone or among others."""
-    from tests.helpers import random_batch
-
     base = ["train.task_threads=1", "model.filters=8"]
     fast_config = small_config(*base, "train.channels_last=never", "train.fft_conv=on")
     batch = random_batch(fast_config, seed=7, tasks=4)
@@ -184,8 +181,7 @@ def test_evaluation_through_the_fast_nchw_passes_is_as_precise_as_channels_last(
     error_fast, error_slow = ((g.double() - want).abs().max() / want.abs().max()
                               for g in (got_fast, got_slow))
     assert error_fast <= max(3 * error_slow, 1e-5), (error_fast, error_slow)
-    alone = fast.evaluate(TaskBatch(batch.x_support[2:3], batch.y_support[2:3],
-                                     batch.x_query[2:3], batch.y_query[2:3])).logits
+    alone = fast.evaluate(batch.slice(2, 3)).logits
     assert torch.equal(alone[0], got_fast[2])
 
 
