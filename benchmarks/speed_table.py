@@ -23,6 +23,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from benchmarks.vs_reference import speedup  # noqa: E402
 from engine.config import resolve  # noqa: E402
 from engine.whole_run import estimate, reference_schedule  # noqa: E402
 
@@ -81,11 +82,6 @@ def _reference_hours(preset: str, s_per_iter: float, s_per_task: float) -> float
     return estimate(cfg, every, s_per_task)["total_hours"]
 
 
-def _ratio(rounds: list[dict], key: str) -> float:
-    """The median over rounds of the reference's figure over mamlpp's (vs_reference.py's)."""
-    return statistics.median(r["reference"][key] / r["mamlpp"][key] for r in rounds)
-
-
 def rows(dates: tuple[str, ...], prefer: tuple[str, ...] = (),
          pool_second: tuple[str, ...] = ()) -> list[dict]:
     """`dates`: the first that has a preset's result gives it. `prefer`: suffixes of later
@@ -118,10 +114,10 @@ def rows(dates: tuple[str, ...], prefer: tuple[str, ...] = (),
             "first": first,
             "second": _median(second, "mamlpp", "s_per_iter"),
             "ref_second": ref_iter,
-            "speedup_second": _ratio(second, "s_per_iter"),
+            "speedup_second": speedup(second, "s_per_iter"),
             "val": _median(rounds, "mamlpp", "s_per_task"),
             "ref_val": ref_task,
-            "speedup_val": _ratio(rounds, "s_per_task"),
+            "speedup_val": speedup(rounds, "s_per_task"),
             "rss": _median(second, "mamlpp", "train_peak_rss_gib"),
             "ref_rss": _median(second, "reference", "train_peak_rss_gib"),
             "hours": run["schedule"]["total_hours"],
