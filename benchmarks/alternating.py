@@ -44,6 +44,20 @@ def child_json(argv: list[str], cwd: str | Path, env: dict[str, str] | None = No
         return json.loads(out.read_text())
 
 
+def learners_for(preset: str, variants: dict[str, list[str]], split: str):
+    """(the first variant's config, a CPU learner per variant made with its config overrides,
+    a sampler of `split` tasks on the preset's synthetic data)."""
+    from engine.bench import synthetic_dataset
+    from engine.config import resolve
+    from engine.data.sampler import sampler_for
+    from engine.learner import MetaLearner
+
+    configs = {k: resolve(preset, overrides=v) for k, v in variants.items()}
+    cfg = next(iter(configs.values()))
+    return (cfg, {k: MetaLearner(c, "cpu") for k, c in configs.items()},
+            sampler_for(cfg, split, synthetic_dataset(cfg)))
+
+
 def alternating_steps(preset: str, variants: dict[str, list[str]], rounds: int,
                       around: Callable[[str], object] | None = None, second_order: bool = True,
                       every_step: bool = True) -> dict:
@@ -54,21 +68,14 @@ def alternating_steps(preset: str, variants: dict[str, list[str]], rounds: int,
     median ratio of the first variant's time over the second's."""
     from contextlib import nullcontext
 
-    from engine.bench import synthetic_dataset
-    from engine.config import resolve
-    from engine.data.sampler import sampler_for
-    from engine.learner import MetaLearner
     from engine.msl import msl_weights
     from engine.schedule import meta_lr
 
     names = list(variants)
-    configs = {k: resolve(preset, overrides=v) for k, v in variants.items()}
-    cfg = configs[names[0]]
+    cfg, learners, sampler = learners_for(preset, variants, "train")
     t = cfg.train
     epoch = 0 if every_step else cfg.maml_pp.msl_epochs
     weights = msl_weights(epoch, t.inner_steps, cfg.maml_pp.msl_epochs, cfg.maml_pp.msl)
-    sampler = sampler_for(cfg, "train", synthetic_dataset(cfg))
-    learners = {k: MetaLearner(c, "cpu") for k, c in configs.items()}
     losses: dict[str, list[float]] = {name: [] for name in learners}
 
     def step(name, batch):

@@ -27,16 +27,9 @@ VARIANTS = {"channels_last": ["train.channels_last=first_order"],
 
 
 def _evaluation(preset: str, rounds: int, tasks: int) -> dict:
-    from benchmarks.alternating import alternate, median_speedup
-    from engine.bench import synthetic_dataset
-    from engine.config import resolve
-    from engine.data.sampler import sampler_for
-    from engine.learner import MetaLearner
+    from benchmarks.alternating import alternate, learners_for, median_speedup
 
-    configs = {k: resolve(preset, overrides=v) for k, v in VARIANTS.items()}
-    learners = {k: MetaLearner(c, "cpu") for k, c in configs.items()}
-    cfg = configs["channels_last"]
-    sampler = sampler_for(cfg, "val", synthetic_dataset(cfg))
+    _, learners, sampler = learners_for(preset, VARIANTS, "val")
     seconds = alternate(lambda name, batch: learners[name].evaluate(batch), list(VARIANTS),
                         sampler, tasks, rounds)
     ratio = median_speedup(seconds, *VARIANTS)
